@@ -1,0 +1,5 @@
+import sys
+
+from vitbatch.cli import main
+
+sys.exit(main())

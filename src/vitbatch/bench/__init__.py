@@ -1,0 +1,1 @@
+"""vitbatch bench: the main job, runnable on a fresh machine without downloads."""

@@ -1,0 +1,30 @@
+"""``vitbatch`` command line: ``bench`` and ``info``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vitbatch", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    from vitbatch.bench import main as bench
+
+    bench_parser = commands.add_parser("bench", help="compare per-request, unbounded and vitbatch encoding")
+    bench.add_arguments(bench_parser)
+    commands.add_parser("info", help="versions, devices, engines, hook implementations, plugins")
+
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        return bench.run(args)
+    from vitbatch.info import print_info
+
+    print_info()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Engine-agnostic core: items, planning, caching, offload, the step engine. Torch only."""
+
+from vitbatch.core.batcher import (
+    EncoderOutput,
+    EngineEncoder,
+    StepResult,
+    StepStats,
+    VitBatcher,
+)
+from vitbatch.core.cache import CacheStats, EmbeddingCache
+from vitbatch.core.errors import (
+    AssemblyError,
+    EncoderOutputError,
+    NoEncoderError,
+    PluginCallError,
+    VitBatchError,
+)
+from vitbatch.core.items import Item, ItemKey, RequestChunk, Span, Window
+from vitbatch.core.offload import HostReferenceOffload, OffloadStats
+from vitbatch.core.planner import Budget, MicroBatch, StepPlan, plan_needed, plan_step, split_into_batches
+
+__all__ = [
+    "AssemblyError",
+    "Budget",
+    "CacheStats",
+    "EmbeddingCache",
+    "EncoderOutput",
+    "EncoderOutputError",
+    "EngineEncoder",
+    "HostReferenceOffload",
+    "Item",
+    "ItemKey",
+    "MicroBatch",
+    "NoEncoderError",
+    "OffloadStats",
+    "PluginCallError",
+    "RequestChunk",
+    "Span",
+    "StepPlan",
+    "StepResult",
+    "StepStats",
+    "VitBatchError",
+    "VitBatcher",
+    "Window",
+    "plan_needed",
+    "plan_step",
+    "split_into_batches",
+]

@@ -1,0 +1,82 @@
+"""Check an encoder's answer and split it per item.
+
+Encoders may answer with one concatenated tensor or one tensor per item; both
+are normal. Anything else is a bug in the encoder, reported with enough detail
+(plugin, modality, item hash, expected vs got) to fix it without a debugger.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from vitbatch.core.errors import EncoderOutputError
+from vitbatch.core.items import Item
+
+
+def _where(plugin_name: str, modality: str) -> str:
+    return f"encoder plugin {plugin_name!r} (modality {modality!r})"
+
+
+def split_encoder_output(
+    output: object,
+    items: Sequence[Item],
+    *,
+    plugin_name: str,
+    modality: str,
+    hidden_size: int | None = None,
+) -> list[torch.Tensor]:
+    """One ``[item.num_tokens, hidden]`` tensor per item of ``items``.
+
+    :param output: the encoder's answer.
+    :param hidden_size: the hidden size earlier calls produced, if any; every
+        item must match it.
+    :raises EncoderOutputError: on a wrong type, item count, row count or hidden size.
+    """
+    if isinstance(output, torch.Tensor):
+        if output.dim() != 2:
+            raise EncoderOutputError(
+                f"{_where(plugin_name, modality)} returned a tensor of shape {tuple(output.shape)} "
+                f"for items {[item.hash for item in items]}: expected 2 dims [tokens, hidden]"
+            )
+        expected = sum(item.num_tokens for item in items)
+        if output.shape[0] != expected:
+            raise EncoderOutputError(
+                f"{_where(plugin_name, modality)} returned {output.shape[0]} rows for items "
+                f"{[(item.hash, item.num_tokens) for item in items]}: expected {expected} "
+                "(the sum of the items' num_tokens)"
+            )
+        per_item = list(torch.split(output, [item.num_tokens for item in items], dim=0))
+    elif isinstance(output, Sequence) and not isinstance(output, (str, bytes)):
+        per_item = list(output)
+        if len(per_item) != len(items):
+            raise EncoderOutputError(
+                f"{_where(plugin_name, modality)} returned {len(per_item)} embeddings for "
+                f"{len(items)} items {[item.hash for item in items]}"
+            )
+        for item, embedding in zip(items, per_item):
+            if not isinstance(embedding, torch.Tensor) or embedding.dim() != 2:
+                got = tuple(embedding.shape) if isinstance(embedding, torch.Tensor) else type(embedding).__name__
+                raise EncoderOutputError(
+                    f"{_where(plugin_name, modality)} returned {got} for item {item.hash!r}: "
+                    f"expected a tensor [{item.num_tokens}, hidden]"
+                )
+            if embedding.shape[0] != item.num_tokens:
+                raise EncoderOutputError(
+                    f"{_where(plugin_name, modality)} returned {embedding.shape[0]} rows for item "
+                    f"{item.hash!r}: expected {item.num_tokens}"
+                )
+    else:
+        raise EncoderOutputError(
+            f"{_where(plugin_name, modality)} returned {type(output).__name__} for items "
+            f"{[item.hash for item in items]}: expected a tensor or a sequence of tensors"
+        )
+    reference = hidden_size if hidden_size is not None else per_item[0].shape[1]
+    for item, embedding in zip(items, per_item):
+        if embedding.shape[1] != reference:
+            raise EncoderOutputError(
+                f"{_where(plugin_name, modality)} returned hidden size {embedding.shape[1]} for item "
+                f"{item.hash!r}: expected {reference}"
+            )
+    return per_item

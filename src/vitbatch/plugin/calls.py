@@ -1,0 +1,51 @@
+"""Calling a firstresult hook while knowing which plugin answered.
+
+pluggy's own call returns only the value. Error messages must name the plugin
+that produced a bad embedding, so we walk the implementations in pluggy's
+documented order (last registered first, ``tryfirst``/``trylast`` honoured) using
+the public ``HookCaller.get_hookimpls()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pluggy
+
+import torch
+
+from vitbatch.core.errors import PluginCallError, VitBatchError
+
+_PASS_THROUGH: tuple[type[BaseException], ...] = (
+    getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),  # the batcher backs off on these
+    VitBatchError,
+)
+
+
+def call_first_result(caller: pluggy.HookCaller, context: str = "", **kwargs: Any) -> tuple[Any, str] | None:
+    """Call ``caller``'s implementations until one returns non-None.
+
+    :param context: what is being processed (modality, item hashes), for errors.
+    :returns: ``(result, plugin_name)`` or ``None`` if every implementation declined.
+    :raises PluginCallError: an implementation raised (device OOM passes through
+        unchanged so the batcher can split the batch).
+    :raises VitBatchError: if a wrapper is registered on this hook (unsupported).
+    """
+    for impl in reversed(caller.get_hookimpls()):
+        if impl.hookwrapper or impl.wrapper:
+            raise VitBatchError(
+                f"plugin {impl.plugin_name!r} registers a wrapper on {caller.name}; "
+                "vitbatch calls this hook implementation by implementation and supports no wrappers"
+            )
+        try:
+            result = impl.function(*(kwargs[name] for name in impl.argnames))
+        except _PASS_THROUGH:
+            raise
+        except Exception as exc:
+            raise PluginCallError(
+                f"plugin {impl.plugin_name!r} raised {type(exc).__name__} in {caller.name}"
+                f"{' for ' + context if context else ''}: {exc}"
+            ) from exc
+        if result is not None:
+            return result, impl.plugin_name
+    return None

@@ -1,0 +1,73 @@
+"""Deterministic fake encoders and item builders shared by the core tests.
+
+The fake encoders mix rows *within* an item (each row gets the item's mean
+added), so a batcher that mixed items, misaligned boundaries or swapped rows
+would produce different numbers than encoding each item alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from vitbatch import hookimpl
+from vitbatch.core import Item, Span
+
+HIDDEN = 6
+IN_DIM = 3
+_WEIGHT = torch.linspace(-1.0, 1.0, IN_DIM * HIDDEN, dtype=torch.float64).reshape(IN_DIM, HIDDEN)
+
+
+def features_for(hash_: int, num_tokens: int) -> torch.Tensor:
+    """The features an engine would produce for content ``hash_`` at ``num_tokens``."""
+    generator = torch.Generator().manual_seed(hash_ * 1000 + num_tokens)
+    return torch.randn(num_tokens, IN_DIM, generator=generator, dtype=torch.float64)
+
+
+def encode_one(features: torch.Tensor) -> torch.Tensor:
+    """The reference encoder for one item: linear map plus the item's mean row."""
+    projected = torch.tanh(features @ _WEIGHT)
+    return projected + projected.mean(dim=0, keepdim=True)
+
+
+def make_item(hash_: int, num_tokens: int, spans: Sequence[tuple[int, int]], **kwargs) -> Item:
+    return Item(
+        hash=hash_,
+        modality=kwargs.pop("modality", "image"),
+        num_tokens=num_tokens,
+        spans=tuple(Span(o, n) for o, n in spans),
+        features=features_for(hash_, num_tokens),
+        **kwargs,
+    )
+
+
+class ConcatEncoder:
+    """Encodes the whole batch in one pass (segment means by index), one tensor out.
+
+    A different computation from :func:`encode_one`, like a real varlen encoder
+    differs from its per-image loop; records every call.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[list[Item]] = []
+
+    @hookimpl
+    def vitbatch_encode_batch(self, items: Sequence[Item]) -> torch.Tensor:
+        self.calls.append(list(items))
+        features = torch.cat([item.features for item in items], dim=0)
+        lengths = torch.tensor([item.num_tokens for item in items])
+        segment = torch.repeat_interleave(torch.arange(len(items)), lengths)
+        projected = torch.tanh(features @ _WEIGHT)
+        sums = torch.zeros(len(items), HIDDEN, dtype=projected.dtype).index_add_(0, segment, projected)
+        means = sums / lengths.unsqueeze(1).to(projected.dtype)
+        return projected + means[segment]
+
+
+class ListEncoder(ConcatEncoder):
+    """Answers with one tensor per item."""
+
+    @hookimpl
+    def vitbatch_encode_batch(self, items: Sequence[Item]) -> list[torch.Tensor]:
+        self.calls.append(list(items))
+        return [encode_one(item.features) for item in items]
