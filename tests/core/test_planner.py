@@ -57,3 +57,43 @@ def test_split_respects_budget_keeps_order_and_loses_nothing(costs, max_tokens, 
         import math
 
         assert len(batches) <= math.ceil(sum(costs) / max_tokens) * 2
+
+
+_RANK_SCRIPT = r"""
+import torch
+from tests.core.fakes import ConcatEncoder, make_item
+from vitbatch.core import Budget, EmbeddingCache, Item, RequestChunk, Span, VitBatcher, Window
+from vitbatch.plugin import make_plugin_manager
+
+def item(name, n, offset):
+    return Item(name, "image", n, (Span(offset, n),), features=torch.ones(n, 3, dtype=torch.float64))
+
+encoder = ConcatEncoder()
+batcher = VitBatcher(Budget(max_tokens=7), EmbeddingCache(5 * 2 * 6 * 8), make_plugin_manager(False, [encoder]))
+names = [f"img-{i}" for i in range(7)]
+for step in range(6):
+    chunks = [RequestChunk([item(names[(step * 2 + r * 2 + k) % 7], 2, 4 * k) for k in range(2)], Window(0, 12), r)
+              for r in range(3)]
+    encoder.calls.clear()
+    plan = batcher.plan(chunks)
+    batcher.run_step(chunks)
+    print(step, plan.hits, [[i.hash for i in call] for call in encoder.calls])
+"""
+
+
+def test_plan_and_cache_evolve_identically_under_any_hash_seed() -> None:
+    """Tensor-parallel ranks are separate processes with their own PYTHONHASHSEED."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    outputs = []
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        done = subprocess.run([sys.executable, "-c", _RANK_SCRIPT], cwd=root, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        outputs.append(done.stdout)
+    assert outputs[0] == outputs[1] == outputs[2]
+    assert "img-" in outputs[0] and "ItemKey" in outputs[0]  # the steps have hits

@@ -67,14 +67,15 @@ class StepPlan:
 
     :ivar needed: per request (step order), the items overlapping its window, in
         request order.
-    :ivar hits: keys of needed items already in the cache.
+    :ivar hits: keys of needed items already in the cache, in first-use order
+        (a tuple, not a set: cache recency must evolve identically on every rank).
     :ivar batches: the encoder calls to make, in order.
     :ivar deduplicated: needed occurrences that are served by another occurrence
         of the same key in this step instead of being encoded again.
     """
 
     needed: tuple[tuple[Item, ...], ...]
-    hits: frozenset[ItemKey]
+    hits: tuple[ItemKey, ...]
     batches: tuple[MicroBatch, ...]
     deduplicated: int
 
@@ -151,7 +152,7 @@ def plan_needed(
     encoder inputs itself (vLLM) calls it directly with one list per request.
     """
     needed = tuple(tuple(items) for items in needed)
-    hits: set[ItemKey] = set()
+    hits: dict[ItemKey, None] = {}  # ordered set
     first_miss: dict[ItemKey, Item] = {}
     deduplicated = 0
     for items in needed:
@@ -163,7 +164,7 @@ def plan_needed(
             if item.cacheable and (key in hits or is_cached(key)):
                 if key in hits:
                     deduplicated += 1
-                hits.add(key)
+                hits[key] = None
                 continue
             first_miss[key] = item
 
@@ -175,4 +176,4 @@ def plan_needed(
         for (modality, group), members in groups.items()
         for batch in split_into_batches(members, budget)
     )
-    return StepPlan(needed=needed, hits=frozenset(hits), batches=batches, deduplicated=deduplicated)
+    return StepPlan(needed=needed, hits=tuple(hits), batches=batches, deduplicated=deduplicated)

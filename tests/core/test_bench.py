@@ -1,0 +1,41 @@
+"""`vitbatch bench` and `vitbatch info` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from vitbatch.bench.workload import WORKLOADS, chunked_steps, draw_requests
+from vitbatch.cli import main
+
+
+def test_bench_modes_agree_and_vitbatch_batches(tmp_path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--requests", "6", "--no-progress", "--json", str(out), "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    data = json.loads(out.read_text())
+    assert data["outputs_equal"] is True
+    modes = {m["mode"]: m for m in data["modes"]}
+    assert set(modes) == {"per-request", "unbounded", "vitbatch"}
+    steps = len(chunked_steps(draw_requests(WORKLOADS["default"].__class__(**{**WORKLOADS["default"].__dict__, "requests": 6}), patch_size=14, merge_size=2, patch_dim=1176), 96))
+    # One call per step at most when unbounded; per-request makes more; all encode the same tokens.
+    assert modes["unbounded"]["encoder_calls"] <= steps
+    assert modes["per-request"]["encoder_calls"] > modes["unbounded"]["encoder_calls"]
+    assert len({m["encoded_tokens"] for m in modes.values()}) == 1
+    assert "outputs equal across modes: yes" in printed
+
+
+def test_bench_plot_writes_png(tmp_path) -> None:
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "bench.png"
+    assert main(["bench", "--requests", "3", "--no-progress", "--plot", str(png), "--modes", "unbounded", "vitbatch"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_info_command_runs() -> None:
+    done = subprocess.run([sys.executable, "-m", "vitbatch", "info"], capture_output=True, text=True, check=True)
+    assert "vitbatch_encode_batch" in done.stdout and "engine sglang" in done.stdout
