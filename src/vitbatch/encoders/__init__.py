@@ -1,0 +1,1 @@
+"""Encoders bundled with vitbatch (used by `vitbatch bench`)."""
