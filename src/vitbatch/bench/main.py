@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=Budget().max_tokens, help="vitbatch budget: patches per call")
     parser.add_argument("--max-items", type=int, default=Budget().max_items, help="vitbatch budget: items per call")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--repeat", type=int, default=2, help="timed passes per mode; the fastest counts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", type=Path, default=None, help="write results as JSON here")
@@ -70,12 +71,13 @@ def run(args: argparse.Namespace) -> int:
     budget = Budget(max_tokens=args.max_tokens, max_items=args.max_items)
     flops = _workload_flops(model, requests)
 
-    bar = _progress(2 * len(steps) * len(args.modes), args.no_progress)
+    bar = _progress((1 + args.repeat) * len(steps) * len(args.modes), args.no_progress)
     results: list[ModeResult] = []
     outputs = {}
     for mode in args.modes:
         result, outputs[mode] = run_mode(
-            mode, steps, model, device, dtype, budget, on_step=(bar.update if bar else lambda: None), flops=flops
+            mode, steps, model, device, dtype, budget, on_step=(bar.update if bar else lambda: None), flops=flops,
+            repeat=args.repeat,
         )
         results.append(result)
     if bar:

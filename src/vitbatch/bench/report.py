@@ -18,7 +18,7 @@ def format_table(results: Sequence[ModeResult], baseline: str) -> str:
             (
                 r.mode,
                 f"{r.images_per_second:.1f}",
-                "-" if r.tflops is None else f"{r.tflops:.1f}",
+                "-" if r.tflops is None else (f"{r.tflops:.1f}" if r.tflops >= 1 else f"{r.tflops:.3f}"),
                 str(r.encoder_calls),
                 "-" if r.peak_bytes is None else f"{r.peak_bytes / GIB:.2f}",
                 f"{r.images_per_second / base.images_per_second:.2f}x",

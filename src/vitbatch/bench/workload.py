@@ -39,7 +39,7 @@ class WorkloadSpec:
 
 WORKLOADS: dict[str, WorkloadSpec] = {
     # CPU default: mixed sizes, repeats, chunk windows that cut through images.
-    "default": WorkloadSpec(24, (1, 4), (56, 84, 112, 168), repeat_fraction=0.2, chunk_tokens=96),
+    "default": WorkloadSpec(32, (1, 4), (112, 224, 336, 448), repeat_fraction=0.2, chunk_tokens=256),
     # The GPU workloads of the performance issue (whole prompts, host features).
     "small": WorkloadSpec(64, (1, 1), (448,)),
     "tiny": WorkloadSpec(64, (2, 2), (224,)),

@@ -178,24 +178,22 @@ def segment_attention(
     flash = _varlen_flash()
     if flash is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return flash(q, k, v, cu, cu, max_len, max_len)
-    lengths = (cu[1:] - cu[:-1]).tolist() if cu.device.type == "cpu" else None
-    if lengths is None:
-        raise ValueError("segment boundaries must be on the host for the padded fallback")
-    segments = len(lengths)
-    # One SDPA call over padded segments (no Python loop over windows).
+    if cu.device.type != "cpu":
+        raise ValueError("segment boundaries must be on the host for the portable attention path")
+    # Segments of equal length form one unmasked SDPA call (fast kernels, no
+    # padding); windows come in very few distinct lengths, so few calls.
     starts = cu[:-1].to(torch.long)
-    arange = torch.arange(max_len)
-    gather = (starts.unsqueeze(1) + arange).clamp_max(q.shape[0] - 1)  # [segments, max_len]
-    valid = arange.unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
-    gather_d, valid_d = gather.to(q.device), valid.to(q.device)
+    lengths = cu[1:].to(torch.long) - starts
+    out = torch.empty_like(q)
+    for length in torch.unique(lengths).tolist():
+        chosen = starts[lengths == length]
+        rows = (chosen.unsqueeze(1) + torch.arange(length)).flatten().to(q.device, non_blocking=True)
 
-    def padded(x: torch.Tensor) -> torch.Tensor:
-        return x[gather_d].transpose(1, 2)  # [segments, heads, max_len, dim]
+        def gathered(x: torch.Tensor) -> torch.Tensor:
+            return x[rows].reshape(len(chosen), length, *x.shape[1:]).transpose(1, 2)
 
-    mask = valid_d[:, None, None, :]
-    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask)
-    out = out.transpose(1, 2)[valid_d]  # [tokens, heads, dim] in segment order
-    assert out.shape[0] == q.shape[0] and segments == gather.shape[0]
+        attended = F.scaled_dot_product_attention(gathered(q), gathered(k), gathered(v))
+        out[rows] = attended.transpose(1, 2).reshape(-1, *q.shape[1:])
     return out
 
 
