@@ -18,10 +18,11 @@ def test_bench_modes_agree_and_vitbatch_batches(tmp_path, capsys) -> None:
     printed = capsys.readouterr().out
     assert code == 0, printed
     data = json.loads(out.read_text())
-    assert data["outputs_equal"] is True
-    modes = {m["mode"]: m for m in data["modes"]}
+    (report,) = data["workloads"]
+    assert report["outputs_equal"] is True
+    modes = {m["mode"]: m for m in report["results"]}
     assert set(modes) == {"per-request", "unbounded", "vitbatch"}
-    steps = len(chunked_steps(draw_requests(WORKLOADS["default"].__class__(**{**WORKLOADS["default"].__dict__, "requests": 6}), patch_size=14, merge_size=2, patch_dim=1176), 96))
+    steps = len(chunked_steps(draw_requests(WORKLOADS["default"].__class__(**{**WORKLOADS["default"].__dict__, "requests": 6}), patch_size=14, merge_size=2, patch_dim=1176), WORKLOADS["default"].chunk_tokens))
     # One call per step at most when unbounded; per-request makes more; all encode the same tokens.
     assert modes["unbounded"]["encoder_calls"] <= steps
     assert modes["per-request"]["encoder_calls"] > modes["unbounded"]["encoder_calls"]
@@ -32,10 +33,24 @@ def test_bench_modes_agree_and_vitbatch_batches(tmp_path, capsys) -> None:
 def test_bench_plot_writes_png(tmp_path) -> None:
     pytest.importorskip("matplotlib")
     png = tmp_path / "bench.png"
-    assert main(["bench", "--requests", "3", "--no-progress", "--plot", str(png), "--modes", "unbounded", "vitbatch"]) == 0
+    assert main(["bench", "--requests", "3", "--no-progress", "--plot", str(png), "--modes", "unbounded", "vitbatch", "--repeat", "1"]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_info_command_runs() -> None:
     done = subprocess.run([sys.executable, "-m", "vitbatch", "info"], capture_output=True, text=True, check=True)
     assert "vitbatch_encode_batch" in done.stdout and "engine sglang" in done.stdout
+
+
+def test_mode_comparison_detects_a_wrong_row() -> None:
+    import torch
+
+    from vitbatch.bench.runner import max_difference
+
+    a = [torch.randn(5, 4), None]
+    b = [a[0].clone(), None]
+    assert max_difference(a, b) == 0.0
+    b[0][2] = b[0][3]
+    assert max_difference(a, b) > 0.1
+    assert max_difference(a, [a[0][:4], None]) == float("inf")
+    assert max_difference(a, [a[0], torch.zeros(1, 4)]) == float("inf")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from vitbatch.bench.runner import ModeResult
@@ -31,19 +31,27 @@ def format_table(results: Sequence[ModeResult], baseline: str) -> str:
     return "\n".join(lines)
 
 
-def write_plot(results: Sequence[ModeResult], path: Path, title: str) -> None:
-    """Bar chart of images/s and peak memory per mode."""
+def write_plot(results: Mapping[str, Sequence[dict]], path: Path, title: str) -> None:
+    """Grouped bars per workload: images/s and peak GiB of each mode."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = [r.mode for r in results]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
-    left.bar(modes, [r.images_per_second for r in results], color="#4472c4")
-    left.set_ylabel("images/s")
-    right.bar(modes, [(r.peak_bytes or 0) / GIB for r in results], color="#ed7d31")
-    right.set_ylabel("peak GiB")
+    workloads = list(results)
+    modes = [r["mode"] for r in next(iter(results.values()))]
+    width = 0.8 / len(modes)
+    colors = ["#a5a5a5", "#ed7d31", "#4472c4"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for index, mode in enumerate(modes):
+        xs = [w + (index - (len(modes) - 1) / 2) * width for w in range(len(workloads))]
+        rows = [next(r for r in results[w] if r["mode"] == mode) for w in workloads]
+        left.bar(xs, [r["images_per_second"] for r in rows], width, label=mode, color=colors[index % 3])
+        right.bar(xs, [(r["peak_bytes"] or 0) / GIB for r in rows], width, label=mode, color=colors[index % 3])
+    for axis, label in ((left, "images/s"), (right, "peak GiB")):
+        axis.set_xticks(range(len(workloads)), workloads)
+        axis.set_ylabel(label)
+    left.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

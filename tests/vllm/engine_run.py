@@ -1,0 +1,135 @@
+"""Run one vLLM engine over the test workload and write what it did as JSON.
+
+Run as a subprocess by the end-to-end test (one fresh process per engine, so the
+two runs share no process state)::
+
+    python tests/vllm/engine_run.py MODEL_DIR OUT.json native|vitbatch
+
+The workload has three phases, each one ``LLM.generate`` call:
+
+1. eight prompts with 1-3 images each, mixed sizes, some images shared between
+   prompts (all sent at once, so their images meet in the same steps);
+2. fillers with new images that push phase 1's embeddings out of vLLM's small
+   encoder cache (``max_num_batched_tokens`` bounds it);
+3. phase-1 prompts sent again: their images were evicted, so vLLM re-encodes
+   them natively while vitbatch restores them from its host tier.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tiny_qwen2vl import image_tokens, prompt_for  # noqa: E402
+
+MAX_NUM_BATCHED_TOKENS = 256  # also vLLM's encoder cache size, in embeddings
+VITBATCH_OPTIONS = {
+    "max_batch_tokens": 128,  # patches (4 per embedding): forces several encoder calls per step
+    "max_batch_items": 8,
+    "host_cache_embeds": 2048,
+}
+
+# name -> (width, height); tokens = (w/28) * (h/28)
+IMAGES = {
+    "A": (56, 56),
+    "B": (112, 84),
+    "C": (168, 112),
+    "D": (224, 168),
+    "E": (224, 224),
+    "F": (112, 56),
+    "G": (84, 140),
+    "H": (224, 224),
+    "I": (196, 224),
+    "J": (224, 196),
+    "K": (168, 168),
+    "N": (196, 112),
+}
+PHASES = [
+    [["A", "B"], ["C"], ["D", "A", "F"], ["B", "G"], ["E"], ["A", "C", "G"], ["F", "D"], ["B"]],
+    [["H"], ["I"], ["J"], ["K"], ["N"]],
+    [["A", "B"], ["D", "A", "F"], ["E"]],
+]
+
+
+def make_image(name: str):
+    import numpy as np
+    from PIL import Image
+
+    width, height = IMAGES[name]
+    rng = np.random.default_rng(ord(name))
+    return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
+
+
+def run(model: str, mode: str) -> dict:
+    from vllm import LLM, SamplingParams
+
+    kwargs = {}
+    if mode == "vitbatch":
+        kwargs["ec_manager_config"] = {
+            "encoder_cache_manager_cls": "vitbatch.adapters.vllm.VitBatchEncoderCacheManager",
+            "manager_config": VITBATCH_OPTIONS,
+        }
+    started = time.perf_counter()
+    llm = LLM(
+        model=model,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=1024,
+        max_num_seqs=8,
+        max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
+        limit_mm_per_prompt={"image": 3, "video": 0},  # no video: cache size = image budget
+        seed=0,
+        **kwargs,
+    )
+    init_seconds = time.perf_counter() - started
+    images = {name: make_image(name) for name in IMAGES}
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    phases = []
+    started = time.perf_counter()
+    for phase in PHASES:
+        requests = [
+            {"prompt": prompt_for(len(names)), "multi_modal_data": {"image": [images[n] for n in names]}}
+            for names in phase
+        ]
+        outputs = llm.generate(requests, params, use_tqdm=False)
+        phases.append(
+            [
+                {
+                    "images": names,
+                    "token_ids": list(out.outputs[0].token_ids),
+                    "prompt_len": len(out.prompt_token_ids),
+                }
+                for names, out in zip(phase, outputs)
+            ]
+        )
+    result = {
+        "mode": mode,
+        "init_seconds": init_seconds,
+        "generate_seconds": time.perf_counter() - started,
+        "phases": phases,
+        "image_tokens": {name: image_tokens(*size) for name, size in IMAGES.items()},
+    }
+    if mode == "vitbatch":
+        from vitbatch.adapters.vllm import stats
+
+        result["stats"] = stats()
+    return result
+
+
+def main() -> None:
+    model, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+    Path(out).write_text(json.dumps(run(model, mode), indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
