@@ -94,8 +94,10 @@ def run_mode(
         encodes each distinct image once, thanks to the cache), for TFLOP/s.
     """
 
+    pinned_cache: dict[int, torch.Tensor] = {}
+
     def fresh_batcher() -> VitBatcher:
-        encoder = EmbeddedEncoder(model, device, dtype, pinned=(mode == "vitbatch"))
+        encoder = EmbeddedEncoder(model, device, dtype, pinned=(mode == "vitbatch"), pinned_cache=pinned_cache)
         pm = make_plugin_manager(load_entry_points=False, plugins=[encoder])
         mode_budget = budget if mode == "vitbatch" else Budget.unbounded()
         return VitBatcher(mode_budget, EmbeddingCache(8 << 30), pm)

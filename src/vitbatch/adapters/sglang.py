@@ -1,0 +1,426 @@
+"""SGLang adapter: the only module that imports SGLang.
+
+How it plugs in (SGLang 0.5.23):
+
+- ``register()`` is the ``sglang.srt.plugins`` entry point. SGLang calls it in
+  the launcher (before parsing arguments), in ``Engine.__init__`` and in every
+  scheduler / DP-controller / detokenizer process. It is idempotent.
+- It always adds the ``--enable-vit-batching`` option group to SGLang's parser
+  and, when the flag is given, copies the settings into ``VITBATCH_*``
+  environment variables: ``ServerArgs`` keeps only its own fields, and the
+  scheduler processes inherit the environment and load plugins themselves.
+- Only when enabled (flag or ``VITBATCH_ENABLE=1``) does it wrap
+  ``mm_schedule._get_chunked_prefill_embedding``; otherwise SGLang's multimodal
+  path is untouched.
+
+The wrapper turns the step's ``MultimodalDataItem``s into core items, lets the
+core plan, encode (``vitbatch_encode_batch``, default: SGLang's own
+``data_embedding_func``), cache and assemble, and returns the tensor SGLang
+expects. Requests SGLang sends through its per-request "full" path (multi-run
+non-audio items, EVS) keep that native path. Any exception: log once, run
+SGLang's own function for that step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vitbatch.core import Budget, EmbeddingCache, Item, RequestChunk, Span, VitBatcher, Window
+
+if TYPE_CHECKING:
+    from sglang.srt.managers.schedule_batch import MultimodalDataItem
+
+logger = logging.getLogger("vitbatch.sglang")
+
+TARGET = "sglang.srt.managers.mm_schedule._get_chunked_prefill_embedding"
+MB = 1 << 20
+
+
+# ---------------------------------------------------------------------------
+# Settings: flags → environment → every process
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the flags say, in the form that travels through the environment."""
+
+    enabled: bool = False
+    max_tokens: int = 4096
+    max_items: int = 64
+    cache_mb: int = 4096
+    host_cache_mb: int = 0
+
+    ENV = {
+        "enabled": "VITBATCH_ENABLE",
+        "max_tokens": "VITBATCH_MAX_TOKENS",
+        "max_items": "VITBATCH_MAX_ITEMS",
+        "cache_mb": "VITBATCH_CACHE_MB",
+        "host_cache_mb": "VITBATCH_HOST_CACHE_MB",
+    }
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, variable in cls.ENV.items():
+            raw = environ.get(variable)
+            if raw is None or raw == "":
+                continue
+            if name == "enabled":
+                values[name] = raw.strip().lower() in ("1", "true", "yes", "on")
+            else:
+                try:
+                    values[name] = int(raw)
+                except ValueError:
+                    raise ValueError(f"{variable}={raw!r}: expected an integer") from None
+        return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        return {
+            variable: ("1" if self.enabled else "0") if name == "enabled" else str(getattr(self, name))
+            for name, variable in self.ENV.items()
+        }
+
+    def budget(self) -> Budget:
+        """Budget in embedding tokens (model-agnostic: SGLang features have model-specific shapes)."""
+        return Budget(max_tokens=self.max_tokens or None, max_items=self.max_items or None)
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """Add vitbatch's options to SGLang's argument parser."""
+    defaults = Settings()
+    group = parser.add_argument_group("vitbatch (cross-request ViT batching)")
+    group.add_argument(
+        "--enable-vit-batching",
+        action="store_true",
+        help="Encode the images of all requests of a step in token-budgeted ViT calls (vitbatch).",
+    )
+    group.add_argument(
+        "--vit-batch-max-tokens",
+        type=int,
+        default=defaults.max_tokens,
+        help="Most embedding tokens per vision-encoder call (0: unbounded).",
+    )
+    group.add_argument(
+        "--vit-batch-max-items",
+        type=int,
+        default=defaults.max_items,
+        help="Most items per vision-encoder call (0: unbounded).",
+    )
+    group.add_argument(
+        "--vit-batch-cache-mb", type=int, default=defaults.cache_mb, help="vitbatch embedding cache on the GPU, MiB."
+    )
+    group.add_argument(
+        "--vit-batch-host-cache-mb",
+        type=int,
+        default=defaults.host_cache_mb,
+        help="Pinned host tier keeping evicted embeddings, MiB (0: off).",
+    )
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return Settings(
+        enabled=bool(getattr(args, "enable_vit_batching", False)),
+        max_tokens=args.vit_batch_max_tokens,
+        max_items=args.vit_batch_max_items,
+        cache_mb=args.vit_batch_cache_mb,
+        host_cache_mb=args.vit_batch_host_cache_mb,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------
+
+_registered = False
+
+
+def register() -> None:
+    """``sglang.srt.plugins`` entry point: cheap, idempotent, patches the mm path only when enabled."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args", _after_add_cli_args, HookType.AFTER)
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args", _after_from_cli_args, HookType.AFTER)
+    if Settings.from_env().enabled:
+        _register_mm_hook()
+
+
+def _after_add_cli_args(_result: None, parser: argparse.ArgumentParser) -> None:
+    add_cli_args(parser)
+
+
+def _after_from_cli_args(_result: Any, _cls: type, args: argparse.Namespace) -> None:
+    settings = settings_from_args(args)
+    if not settings.enabled:
+        return
+    os.environ.update(settings.to_env())  # spawned scheduler processes read these
+    _register_mm_hook()
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    HookRegistry.apply_hooks()  # this process's plugins already ran: patch it now too (fork)
+
+
+_mm_hook_registered = False
+
+
+def _register_mm_hook() -> None:
+    global _mm_hook_registered
+    if _mm_hook_registered:
+        return
+    _mm_hook_registered = True
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(TARGET, _around_chunked_prefill, HookType.AROUND)
+
+
+# ---------------------------------------------------------------------------
+# Per-process state
+# ---------------------------------------------------------------------------
+
+
+class AdapterState:
+    """The batcher of this scheduler process, and what went wrong so far."""
+
+    def __init__(self, settings: Settings) -> None:
+        cache = EmbeddingCache(settings.cache_mb * MB, host_capacity_bytes=settings.host_cache_mb * MB)
+        self.settings = settings
+        self.batcher = VitBatcher(settings.budget(), cache)
+        self.fallbacks = 0
+        self.unsupported = 0
+        self._logged: set[str] = set()
+
+    def log_once(self, key: str, message: str, *args: Any, exc_info: bool = False) -> None:
+        if key in self._logged:
+            return
+        self._logged.add(key)
+        logger.warning(message, *args, exc_info=exc_info)
+
+
+_state: AdapterState | None = None
+
+
+def get_state() -> AdapterState:
+    global _state
+    if _state is None:
+        _state = AdapterState(Settings.from_env())
+    return _state
+
+
+def reset_state(settings: Settings | None = None) -> AdapterState:
+    """A fresh batcher (tests; or after changing the settings)."""
+    global _state
+    _state = AdapterState(settings or Settings.from_env())
+    return _state
+
+
+# ---------------------------------------------------------------------------
+# The interception
+# ---------------------------------------------------------------------------
+
+
+class Unsupported(Exception):
+    """A step the core cannot reproduce exactly; SGLang's native path serves it."""
+
+
+def _around_chunked_prefill(
+    original: Callable[..., tuple[torch.Tensor | None, torch.Tensor]],
+    data_embedding_func: Callable,
+    embedding_items: list[MultimodalDataItem],
+    items_size: list[int],
+    prefix_length: list[int],
+    extend_length: list[int],
+    items_offset_list: list[list[tuple[int, int]]],
+    input_ids: torch.Tensor,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    state = get_state()
+    args = (data_embedding_func, embedding_items, items_size, prefix_length, extend_length, items_offset_list, input_ids)
+    try:
+        return chunked_prefill_embedding(state, original, *args)
+    except Unsupported as reason:
+        state.unsupported += 1
+        state.log_once(f"unsupported:{reason}", "vitbatch: SGLang's native path serves steps with %s", reason)
+    except Exception as error:  # a plugin bug must cost speed, never a request
+        state.fallbacks += 1
+        state.log_once(
+            f"error:{type(error).__name__}",
+            "vitbatch failed on a step (%s: %s); SGLang's native path serves it (logged once per error type)",
+            type(error).__name__,
+            error,
+            exc_info=True,
+        )
+    return original(*args)
+
+
+def core_item(item: MultimodalDataItem) -> Item:
+    """A ``MultimodalDataItem`` as a core item (SGLang offsets are inclusive ``(start, end)``)."""
+    spans = tuple(Span(start, end - start + 1) for start, end in item.offsets)
+    return Item(
+        hash=item.hash,
+        modality=str(getattr(item.modality, "name", item.modality)).lower(),
+        num_tokens=sum(span.length for span in spans),
+        spans=spans,
+        features=item.feature if isinstance(item.feature, torch.Tensor) else None,
+        payload=item,
+    )
+
+
+def _check_order(items: Sequence[Item]) -> None:
+    """SGLang assembles item by item; the core by position. They agree unless items interleave."""
+    previous_end = -1
+    for item in items:
+        for span in item.spans:
+            if span.offset < previous_end:
+                raise Unsupported("interleaved multimodal items")
+            previous_end = span.end
+
+
+def chunked_prefill_embedding(
+    state: AdapterState,
+    original: Callable[..., tuple[torch.Tensor | None, torch.Tensor]],
+    data_embedding_func: Callable,
+    embedding_items: list[MultimodalDataItem],
+    items_size: list[int],
+    prefix_length: list[int],
+    extend_length: list[int],
+    items_offset_list: list[list[tuple[int, int]]],
+    input_ids: torch.Tensor,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """vitbatch's version of ``_get_chunked_prefill_embedding``: same inputs, same outputs."""
+    from sglang.srt.managers import mm_schedule
+
+    device = input_ids.device
+    last = min(len(items_size) - 1, len(prefix_length))  # SGLang's eagle3 workaround, kept
+    chunks: list[RequestChunk] = []
+    full_path: list[int] = []
+    for index in range(last):
+        if items_size[index] == items_size[index + 1]:
+            continue
+        extend = extend_length[index] if index < len(extend_length) else 0
+        if extend <= 0:
+            continue
+        window = Window.from_prefix(prefix_length[index], extend)
+        offsets = items_offset_list[index]
+        if not any(end >= window.start and start < window.end for start, end in offsets):
+            continue
+        request_items = embedding_items[items_size[index] : items_size[index + 1]]
+        if not all(len(item.offsets) == 1 or item.is_audio() for item in request_items):
+            full_path.append(index)  # multi-run non-audio items / EVS: SGLang's own per-request path
+            continue
+        items = [core_item(item) for item in request_items]
+        _check_order(items)
+        chunks.append(RequestChunk(items, window, request_id=index))
+
+    borrowable = {
+        id(item.payload)
+        for chunk in chunks
+        for item in chunk.items
+        if item.spans[0].offset >= chunk.window.start and item.spans[-1].end <= chunk.window.end
+    }
+    moved: list[MultimodalDataItem] = []
+    encoder = _engine_encoder(state, data_embedding_func, device, borrowable, moved)
+    pieces: list[tuple[int, torch.Tensor]] = []
+    try:
+        if chunks:
+            result = state.batcher.run_step(chunks, encoder)
+            pieces.extend(
+                (chunk.request_id, embedding)
+                for chunk, embedding in zip(chunks, result.embeddings)
+                if embedding is not None
+            )
+    finally:
+        _release_features(state, moved)
+
+    for index in full_path:
+        embedding, input_ids = mm_schedule._get_chunked_embedding_full(
+            data_embedding_func,
+            embedding_items[items_size[index] : items_size[index + 1]],
+            items_offset_list[index],
+            prefix_length[index],
+            extend_length[index],
+            input_ids,
+            device,
+        )
+        if embedding is not None:
+            pieces.append((index, embedding))
+
+    pieces.sort(key=lambda piece: piece[0])
+    if not pieces:
+        return None, input_ids
+    if len(pieces) == 1:
+        return pieces[0][1], input_ids
+    return torch.cat([embedding for _, embedding in pieces], dim=0), input_ids
+
+
+def _engine_encoder(
+    state: AdapterState,
+    data_embedding_func: Callable,
+    device: torch.device,
+    borrowable: set[int],
+    moved: list[MultimodalDataItem],
+) -> Callable[[Sequence[Item]], list[torch.Tensor] | torch.Tensor]:
+    """SGLang's ``data_embedding_func`` as an engine encoder over core items.
+
+    Features go to the device through the batcher's CPU-reference offload so
+    that releasing them later hands the host tensor back instead of copying.
+    """
+    from sglang.srt.managers import mm_schedule
+    from sglang.srt.multimodal.transport.cuda_ipc import BORROW_CUDA_IPC_FEATURE_KEY
+
+    defer_move = mm_schedule._can_skip_pre_embed_feature_move(data_embedding_func)
+
+    def encode(items: Sequence[Item]) -> list[torch.Tensor] | torch.Tensor:
+        engine_items = [item.payload for item in items]
+        for engine_item in engine_items:
+            if id(engine_item) in borrowable and engine_item.can_defer_cuda_ipc_feature_reconstruction():
+                engine_item.model_specific_data[BORROW_CUDA_IPC_FEATURE_KEY] = True
+        _wait_for_native_offload(engine_items, device, defer_move)
+        if not defer_move:
+            for engine_item in engine_items:
+                feature = engine_item.feature
+                if isinstance(feature, torch.Tensor) and feature.device != device:
+                    engine_item.feature = state.batcher.offload.to_device(feature, device)
+                    moved.append(engine_item)
+        output = data_embedding_func(engine_items)
+        if isinstance(output, list):
+            return [embedding.reshape(-1, embedding.shape[-1]) for embedding in output]
+        if isinstance(output, torch.Tensor):
+            return output.reshape(-1, output.shape[-1])
+        return output  # the core reports anything else as a clear error → native fallback
+
+    return encode
+
+
+def _wait_for_native_offload(items: Sequence[MultimodalDataItem], device: torch.device, defer_move: bool) -> None:
+    """Host features may still be arriving from SGLang's own async copy-back of a previous step."""
+    from sglang.srt.managers import mm_schedule
+
+    event = mm_schedule.host_offload_event
+    if event is None or not any(isinstance(i.feature, torch.Tensor) and i.feature.is_cpu for i in items):
+        return
+    if defer_move or device.type != "cuda":
+        event.synchronize()
+    else:
+        torch.cuda.current_stream(device).wait_event(event)
+
+
+def _release_features(state: AdapterState, moved: Sequence[MultimodalDataItem]) -> None:
+    """Hand the host tensors back now: SGLang's post-forward copy-back then finds
+    host features and copies nothing. Safe without a sync: the device copies
+    were only used on the current stream, which orders their reuse."""
+    offload = state.batcher.offload
+    for engine_item in moved:
+        feature = engine_item.feature
+        if isinstance(feature, torch.Tensor) and offload.host_reference(feature) is not None:
+            engine_item.feature = offload.release(feature)

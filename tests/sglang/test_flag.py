@@ -1,0 +1,87 @@
+"""The flag end to end, through SGLang's own plugin loader and argument parsing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("sglang.srt.plugins")
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL_ARGS = ["--model-path", "/nonexistent/tiny-vlm", "--device", "cpu"]
+
+
+def run_launcher(args: list[str], **env: str) -> dict:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("VITBATCH_") and k != "SGLANG_PLUGINS"}
+    environment.update(env)
+    environment["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.sglang.scheduler_probe", *MODEL_ARGS, *args],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if done.returncode != 0:
+        return {"error": done.stderr[-3000:]}
+    line = next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def test_entry_point_is_found_by_sglangs_loader() -> None:
+    from sglang.srt.plugins import GENERAL_PLUGINS_GROUP, load_plugins_by_group
+
+    from vitbatch.adapters.sglang import register
+
+    plugins = load_plugins_by_group(GENERAL_PLUGINS_GROUP)
+    assert plugins["vitbatch"][0] is register
+    assert plugins["vitbatch"][1] == "vitbatch"
+
+
+def test_flag_reaches_the_spawned_scheduler() -> None:
+    result = run_launcher(["--enable-vit-batching", "--vit-batch-max-tokens", "2048", "--vit-batch-host-cache-mb", "64"])
+    assert "error" not in result, result.get("error")
+    assert result["launcher_patched"] is True
+    assert result["scheduler"] == {
+        "patched": True,
+        "enabled": True,
+        "max_tokens": 2048,
+        "host_cache_mb": 64,
+        "budget_tokens": 2048,
+    }
+
+
+def test_installed_but_not_enabled_patches_nothing() -> None:
+    result = run_launcher([])
+    assert "error" not in result, result.get("error")
+    assert result["launcher_patched"] is False
+    assert result["scheduler"]["patched"] is False and result["scheduler"]["enabled"] is False
+
+
+def test_environment_route_for_the_offline_engine() -> None:
+    """``VITBATCH_ENABLE=1`` before ``sglang.Engine(...)``: no flag needed."""
+    result = run_launcher([], VITBATCH_ENABLE="1", VITBATCH_MAX_ITEMS="8")
+    assert "error" not in result, result.get("error")
+    assert result["scheduler"]["patched"] is True and result["scheduler"]["enabled"] is True
+
+
+def test_sglang_allowlist_excluding_vitbatch_leaves_sglang_alone() -> None:
+    result = run_launcher(["--enable-vit-batching"], SGLANG_PLUGINS="someone-else")
+    assert "unrecognized arguments: --enable-vit-batching" in result.get("error", "")
+    assert run_launcher([], SGLANG_PLUGINS="someone-else")["scheduler"]["patched"] is False
+
+
+def test_help_lists_the_options() -> None:
+    code = (
+        "from sglang.srt.plugins import load_plugins; load_plugins();"
+        "from sglang.srt.server_args import prepare_server_args; prepare_server_args(['--help'])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    for option in ("--enable-vit-batching", "--vit-batch-max-tokens", "--vit-batch-max-items", "--vit-batch-host-cache-mb"):
+        assert option in done.stdout
