@@ -16,7 +16,7 @@ python -m pip install \
   "compressed-tensors==0.18.0" "openai==2.8.0" \
   msgspec numpy pydantic pillow orjson psutil requests packaging pyzmq einops pybase64 starlette \
   IPython aiohttp dill gguf partial_json_parser
-python -m pip install -e ".[test]"
+python -m pip install -e ".[test]" -e examples/vitbatch-embedding-store
 python - <<'PY'
 import sglang.srt.managers.mm_schedule, sglang.srt.managers.mm_utils, sglang.srt.server_args, sglang.srt.plugins
 print("sglang scheduler-side modules import")
