@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         "cuda_driver": _driver_version() if device.type == "cuda" else None,
         "python": platform.python_version(),
-        "command": "vitbatch " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None,
+        "command": "vitbatch bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None,
     }
     try:
         import transformers
