@@ -235,17 +235,13 @@ class Unsupported(Exception):
 
 
 def _around_chunked_prefill(
-    original: Callable[..., tuple[torch.Tensor | None, torch.Tensor]],
-    data_embedding_func: Callable,
-    embedding_items: list[MultimodalDataItem],
-    items_size: list[int],
-    prefix_length: list[int],
-    extend_length: list[int],
-    items_offset_list: list[list[tuple[int, int]]],
-    input_ids: torch.Tensor,
+    original: Callable[..., tuple[torch.Tensor | None, torch.Tensor]], *args: Any, **kwargs: Any
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The AROUND hook: SGLang's arguments pass through unchanged to
+    :func:`chunked_prefill_embedding`, or to ``original`` if vitbatch cannot serve the step."""
+    if kwargs:  # SGLang 0.5.23 passes all seven positionally; anything else is not ours to guess
+        return original(*args, **kwargs)
     state = get_state()
-    args = (data_embedding_func, embedding_items, items_size, prefix_length, extend_length, items_offset_list, input_ids)
     try:
         return chunked_prefill_embedding(state, original, *args)
     except Unsupported as reason:
