@@ -3,7 +3,12 @@
 Run as a subprocess by the end-to-end test (one fresh process per engine, so the
 two runs share no process state)::
 
-    python tests/vllm/engine_run.py MODEL_DIR OUT.json native|vitbatch
+    python tests/vllm/engine_run.py MODEL_DIR OUT.json native|vitbatch|vitbatch-failing|vitbatch-mp
+
+``vitbatch-failing`` registers a vitbatch encoder plugin that raises, to show
+that vLLM then runs its native path and still answers every request.
+``vitbatch-mp`` runs the model in a separate worker process (vLLM's ``mp``
+executor), where vitbatch must switch itself on from the step metadata alone.
 
 The workload has three phases, each one ``LLM.generate`` call:
 
@@ -30,11 +35,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny_qwen2vl import image_tokens, prompt_for  # noqa: E402
+from tiny_qwen2vl import image_tokens, prompt_for
 
 MAX_NUM_BATCHED_TOKENS = 256  # also vLLM's encoder cache size, in embeddings
 VITBATCH_OPTIONS = {
-    "max_batch_tokens": 128,  # patches (4 per embedding): forces several encoder calls per step
+    "max_batch_tokens": 256,  # patches (4 per embedding): forces several encoder calls per step
     "max_batch_items": 8,
     "host_cache_embeds": 2048,
 }
@@ -70,15 +75,48 @@ def make_image(name: str):
     return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
 
 
+def count_scheduled_encoder_inputs() -> dict[str, int]:
+    """Test instrumentation: how many encoder inputs vLLM's scheduler sent to the worker.
+
+    Counts what ``_batch_mm_inputs_from_scheduler`` returns (in-process worker
+    only). Natively every one of them is encoded.
+    """
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner._batch_mm_inputs_from_scheduler
+    counter = {"items": 0}
+
+    def counting(self, scheduler_output):
+        result = original(self, scheduler_output)
+        counter["items"] += len(result[0])
+        return result
+
+    GPUModelRunner._batch_mm_inputs_from_scheduler = counting
+    return counter
+
+
 def run(model: str, mode: str) -> dict:
     from vllm import LLM, SamplingParams
 
     kwargs = {}
-    if mode == "vitbatch":
+    if mode == "vitbatch-failing":
+        from vitbatch import hookimpl
+        from vitbatch.plugin import get_plugin_manager
+
+        class Broken:
+            @hookimpl(tryfirst=True)
+            def vitbatch_encode_batch(self, items):
+                raise RuntimeError("deliberately broken encoder plugin")
+
+        get_plugin_manager().register(Broken(), name="broken-test-plugin")
+    if mode.startswith("vitbatch"):
         kwargs["ec_manager_config"] = {
             "encoder_cache_manager_cls": "vitbatch.adapters.vllm.VitBatchEncoderCacheManager",
             "manager_config": VITBATCH_OPTIONS,
         }
+    if mode == "vitbatch-mp":
+        kwargs["distributed_executor_backend"] = "mp"
+    scheduled = count_scheduled_encoder_inputs() if mode in ("native", "vitbatch") else None
     started = time.perf_counter()
     llm = LLM(
         model=model,
@@ -98,7 +136,10 @@ def run(model: str, mode: str) -> dict:
     started = time.perf_counter()
     for phase in PHASES:
         requests = [
-            {"prompt": prompt_for(len(names)), "multi_modal_data": {"image": [images[n] for n in names]}}
+            {
+                "prompt": prompt_for(len(names)),
+                "multi_modal_data": {"image": [images[n] for n in names]},
+            }
             for names in phase
         ]
         outputs = llm.generate(requests, params, use_tqdm=False)
@@ -118,8 +159,12 @@ def run(model: str, mode: str) -> dict:
         "generate_seconds": time.perf_counter() - started,
         "phases": phases,
         "image_tokens": {name: image_tokens(*size) for name, size in IMAGES.items()},
+        "scheduled_encoder_inputs": scheduled["items"] if scheduled else None,
     }
-    if mode == "vitbatch":
+    if mode in (
+        "vitbatch",
+        "vitbatch-failing",
+    ):  # in-process worker: its counters are readable here
         from vitbatch.adapters.vllm import stats
 
         result["stats"] = stats()

@@ -36,19 +36,22 @@ HEAD_DIM = HIDDEN // TEXT_HEADS
 
 def _vocab() -> dict[str, int]:
     vocab = {"[UNK]": 0}
-    for token in WORDS + ["user", "assistant", "system", "describe", "compare", "the", "images"] + SPECIAL:
+    for token in (
+        WORDS + ["user", "assistant", "system", "describe", "compare", "the", "images"] + SPECIAL
+    ):
         vocab.setdefault(token, len(vocab))
     return vocab
 
 
 def _write_tokenizer(path: Path, vocab: dict[str, int]) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers import AddedToken
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIAL])
+    tokenizer.add_special_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in SPECIAL]
+    )
     tokenizer.save(str(path / "tokenizer.json"))
     chat_template = (
         "{% for message in messages %}<|im_start|>{{ message['role'] }} "
@@ -105,7 +108,11 @@ def _config(vocab: dict[str, int]) -> dict:
             # A wide init keeps the random model's logits well separated, so
             # greedy decoding is not decided by rounding noise.
             "initializer_range": 0.3,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [8, 12, 12],
+            },
             "bos_token_id": vocab["<|endoftext|>"],
             "eos_token_id": vocab["<|im_end|>"],
             "tie_word_embeddings": False,
@@ -140,8 +147,18 @@ def _processor_configs(max_tokens_per_image: int) -> tuple[dict, dict]:
         "image_std": [0.26862954, 0.26130258, 0.27577711],
         "processor_class": "Qwen2VLProcessor",
     }
-    image = {"image_processor_type": "Qwen2VLImageProcessor", **pixels, "size": {"shortest_edge": pixels["min_pixels"], "longest_edge": pixels["max_pixels"]}, **common}
-    video = {"video_processor_type": "Qwen2VLVideoProcessor", **pixels, "size": {"shortest_edge": pixels["min_pixels"], "longest_edge": pixels["max_pixels"]}, **common}
+    image = {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        **pixels,
+        "size": {"shortest_edge": pixels["min_pixels"], "longest_edge": pixels["max_pixels"]},
+        **common,
+    }
+    video = {
+        "video_processor_type": "Qwen2VLVideoProcessor",
+        **pixels,
+        "size": {"shortest_edge": pixels["min_pixels"], "longest_edge": pixels["max_pixels"]},
+        **common,
+    }
     return image, video
 
 
@@ -160,7 +177,9 @@ def build_tiny_qwen2vl(path: str | Path, *, seed: int = 0, max_tokens_per_image:
     (path / "video_preprocessor_config.json").write_text(json.dumps(video))
     (path / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2VLProcessor"}))
 
-    config = Qwen2VLConfig(**{k: v for k, v in config_dict.items() if k not in ("architectures", "torch_dtype")})
+    config = Qwen2VLConfig(
+        **{k: v for k, v in config_dict.items() if k not in ("architectures", "torch_dtype")}
+    )
     config.architectures = config_dict["architectures"]
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config).to(torch.float32).eval()
@@ -168,7 +187,10 @@ def build_tiny_qwen2vl(path: str | Path, *, seed: int = 0, max_tokens_per_image:
         generator = torch.Generator().manual_seed(seed)
         for name, parameter in model.named_parameters():
             if parameter.dim() >= 2:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * (0.3 if "visual" not in name else 0.1))
+                parameter.copy_(
+                    torch.randn(parameter.shape, generator=generator)
+                    * (0.3 if "visual" not in name else 0.1)
+                )
     model.save_pretrained(path, safe_serialization=True)
     # save_pretrained rewrites config.json; keep the hand-written one (token ids, dtype).
     (path / "config.json").write_text(json.dumps(config_dict, indent=1))

@@ -57,7 +57,8 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-logger = logging.getLogger("vitbatch.vllm")
+# A child of vLLM's logger: our lines appear in vLLM's log stream, with its format and level.
+logger = logging.getLogger("vllm.vitbatch")
 
 MANAGER_CLASS_NAME = "VitBatchEncoderCacheManager"
 MANAGER_QUALNAME = f"{__name__}.{MANAGER_CLASS_NAME}"
@@ -224,18 +225,43 @@ def _manager_methods(base: type) -> dict[str, Any]:
     """The manager's methods; ``base`` is vLLM's ``EncoderCacheManager``."""
 
     @classmethod  # type: ignore[misc]
-    def create_manager(cls, *, cache_size: int, vllm_config: VllmConfig):  # noqa: ANN202
+    def create_manager(cls, *, cache_size: int, vllm_config: VllmConfig):
         options = VllmOptions.from_manager_config(vllm_config.ec_manager_config.manager_config)
         model_config = vllm_config.model_config
-        bytes_per_embed = model_config.get_hidden_size() * torch.tensor([], dtype=model_config.dtype).element_size()
-        install_worker_patch()
-        return cls(
-            cache_size=cache_size,
-            options=options,
-            host_capacity_embeds=options.host_capacity_embeds(bytes_per_embed),
-        )
+        if model_config.is_encoder_decoder:
+            # vLLM uses a different manager for these and does not cache their
+            # encoder outputs; vitbatch leaves them entirely to vLLM.
+            from vllm.v1.core.encoder_cache_manager import EncoderDecoderCacheManager
 
-    def __init__(self, cache_size: int, options: VllmOptions | None = None, host_capacity_embeds: int = 0) -> None:
+            logger.warning(
+                "vitbatch: encoder-decoder model; using vLLM's own encoder cache manager"
+            )
+            return EncoderDecoderCacheManager(cache_size=cache_size)
+        if getattr(vllm_config, "use_v2_model_runner", False):
+            # The worker patch drives the V1 model runner only. Without it the
+            # host tier would promise restores nobody performs, so stay out.
+            logger.warning(
+                "vitbatch: vLLM's model runner V2 is in use, which vitbatch does not drive yet; "
+                "encoding stays with vLLM. Set VLLM_USE_V2_MODEL_RUNNER=0 to use vitbatch."
+            )
+            return base(cache_size=cache_size)
+        bytes_per_embed = (
+            model_config.get_hidden_size()
+            * torch.tensor([], dtype=model_config.dtype).element_size()
+        )
+        install_worker_patch()
+        host_capacity = options.host_capacity_embeds(bytes_per_embed)
+        logger.info(
+            "vitbatch: encoder cache manager on (device cache %d embeddings, host tier %d embeddings, %s)",
+            cache_size,
+            host_capacity,
+            options.budget,
+        )
+        return cls(cache_size=cache_size, options=options, host_capacity_embeds=host_capacity)
+
+    def __init__(
+        self, cache_size: int, options: VllmOptions | None = None, host_capacity_embeds: int = 0
+    ) -> None:
         base.__init__(self, cache_size)
         self.options = options or VllmOptions()
         self.host = HostTierIndex(host_capacity_embeds)
@@ -264,10 +290,18 @@ def _manager_methods(base: type) -> dict[str, Any]:
                 self._evicted_sizes[mm_hash] = sizes[mm_hash]
         self._freed_seen = len(self.freed)
 
-    def can_allocate(self, request: Request, input_id: int, encoder_compute_budget: int, num_embeds_to_schedule: int) -> bool:
+    def can_allocate(
+        self,
+        request: Request,
+        input_id: int,
+        encoder_compute_budget: int,
+        num_embeds_to_schedule: int,
+    ) -> bool:
         wanted = request.get_num_encoder_embeds(input_id) + num_embeds_to_schedule
         sizes = dict(self.freeable) if wanted > self.num_free_slots else {}
-        ok = base.can_allocate(self, request, input_id, encoder_compute_budget, num_embeds_to_schedule)
+        ok = base.can_allocate(
+            self, request, input_id, encoder_compute_budget, num_embeds_to_schedule
+        )
         self._note_evictions(sizes)
         if ok:
             self._promised = (request.request_id, wanted)
@@ -285,8 +319,17 @@ def _manager_methods(base: type) -> dict[str, Any]:
         mm_hash = feature.identifier
         num_embeds = feature.mm_position.get_num_embeds()
         revive = self._evicted_sizes.get(mm_hash) == num_embeds
-        if not revive and self.host.size(mm_hash) != num_embeds:
-            return False
+        if not revive:
+            host_rows = self.host.size(mm_hash)
+            if host_rows is None:
+                return False
+            if host_rows != num_embeds:
+                # Same identifier, other row count (a reused client UUID): the
+                # host copy is stale; forget it so it is never restored.
+                self.host.pop(mm_hash)
+                self._drop.append(mm_hash)
+                self.stats.host_drops += 1
+                return False
         if not self._make_room(request, num_embeds):
             self.stats.restores_refused += 1
             return False
@@ -314,7 +357,9 @@ def _manager_methods(base: type) -> dict[str, Any]:
         Rows that can_allocate() already promised to this request's earlier
         inputs (allocated only after the request is scheduled) stay reserved.
         """
-        promised = self._promised[1] if self._promised and self._promised[0] == request.request_id else 0
+        promised = (
+            self._promised[1] if self._promised and self._promised[0] == request.request_id else 0
+        )
         wanted = num_embeds + promised
         if wanted <= self.num_free_slots:
             return True
@@ -448,6 +493,10 @@ class _WorkerState:
         self.stats = WorkerStats()
         self._logged: set[str] = set()
         _worker_states.add(self)
+        logger.info(
+            "vitbatch: encoder steps of this worker run through vitbatch (budget %s)",
+            self.batcher.budget,
+        )
 
     def configure(self, metadata: VitBatchStepMetadata) -> None:
         budget = Budget(metadata.max_batch_tokens, metadata.max_batch_items)
@@ -475,7 +524,12 @@ def _worker_state(runner: Any, metadata: VitBatchStepMetadata) -> _WorkerState:
     return state
 
 
-def _apply_tier_moves(runner: Any, state: _WorkerState, scheduler_output: SchedulerOutput, metadata: VitBatchStepMetadata) -> None:
+def _apply_tier_moves(
+    runner: Any,
+    state: _WorkerState,
+    scheduler_output: SchedulerOutput,
+    metadata: VitBatchStepMetadata,
+) -> None:
     """Mirror the scheduler's decisions: restore, then free/demote, then drop."""
     offload = state.batcher.offload
     if metadata.reset:
@@ -545,7 +599,9 @@ def _engine_encoder(runner: Any, state: _WorkerState):
             state.stats.cross_request_calls += 1
         mm_kwargs = [(item.payload.modality, item.payload.kwargs) for item in items]
         outputs: list[torch.Tensor] = []
-        for modality, num_items, batch in group_and_batch_mm_kwargs(mm_kwargs, device=runner.device, pin_memory=PIN_MEMORY):
+        for modality, num_items, batch in group_and_batch_mm_kwargs(
+            mm_kwargs, device=runner.device, pin_memory=PIN_MEMORY
+        ):
             result = None
             graphs = getattr(runner, "encoder_cudagraph_manager", None)
             if graphs is not None and graphs.supports_modality(modality):
@@ -577,14 +633,19 @@ def _encode_step(
     """Encode the step's scheduled inputs (and restores whose host copy is missing) through the core."""
     metadata = scheduler_output.ec_manager_metadata
     mm_hashes, mm_kwargs, refs = scheduled
-    entries = [(h, modality, kwargs, request_id, position) for h, (modality, kwargs), (request_id, position) in zip(mm_hashes, mm_kwargs, refs)]
-    for mm_hash in sorted(state.missing):
+    entries = [
+        (h, modality, kwargs, request_id, position)
+        for h, (modality, kwargs), (request_id, position) in zip(mm_hashes, mm_kwargs, refs)
+    ]
+    for mm_hash in sorted(state.missing):  # restores whose host copy was missing
         found = _find_feature(runner, mm_hash)
         if found is not None and mm_hash not in mm_hashes:
             request_id, feature = found
-            entries.append((mm_hash, feature.modality, feature.data, request_id, feature.mm_position))
-    state.missing.clear()
+            entries.append(
+                (mm_hash, feature.modality, feature.data, request_id, feature.mm_position)
+            )
     if not entries:
+        state.missing.clear()
         return []
     items = []
     for mm_hash, modality, kwargs, request_id, position in entries:
@@ -610,8 +671,11 @@ def _encode_step(
     for item in items:
         output = embeddings[item.key]
         if item.hash not in runner.encoder_cache:
-            runner._cache_encoder_output(item.hash, output, metadata, scheduler_output.free_encoder_mm_hashes)
+            runner._cache_encoder_output(
+                item.hash, output, metadata, scheduler_output.free_encoder_mm_hashes
+            )
         outputs.append(output)
+    state.missing.clear()  # only now: if anything above raised, the native path handles them
     state.stats.steps += 1
     return outputs
 
@@ -627,22 +691,32 @@ def _encode_missing_natively(runner: Any, state: _WorkerState) -> None:
         if found is None or mm_hash in runner.encoder_cache:
             continue
         request_id, feature = found
-        item = Item(mm_hash, feature.modality, feature.mm_position.get_num_embeds(), (Span(feature.mm_position.offset, feature.mm_position.get_num_embeds()),), payload=_Payload(request_id, feature.modality, feature.data))
+        item = Item(
+            mm_hash,
+            feature.modality,
+            feature.mm_position.get_num_embeds(),
+            (Span(feature.mm_position.offset, feature.mm_position.get_num_embeds()),),
+            payload=_Payload(request_id, feature.modality, feature.data),
+        )
         runner.encoder_cache[mm_hash] = encode([item])[0]
 
 
 def _patched_process(original):
     @functools.wraps(original)
-    def _process_encoder_cache_scheduler_output(self: GPUModelRunner, scheduler_output: SchedulerOutput) -> None:
+    def _process_encoder_cache_scheduler_output(
+        self: GPUModelRunner, scheduler_output: SchedulerOutput
+    ) -> None:
         metadata = scheduler_output.ec_manager_metadata
         if not isinstance(metadata, VitBatchStepMetadata):
             return original(self, scheduler_output)
         state = _worker_state(self, metadata)
         try:
             _apply_tier_moves(self, state, scheduler_output, metadata)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any failure: fall back to vLLM, keep serving
             state.stats.fallbacks += 1
-            state.log_once("tiers", "vitbatch: host-tier update failed; freeing as vLLM does", exc_info=True)
+            state.log_once(
+                "tiers", "vitbatch: host-tier update failed; freeing as vLLM does", exc_info=True
+            )
             # Whatever was not restored is encoded in _execute_mm_encoder.
             state.missing.update(h for h in metadata.restore if h not in self.encoder_cache)
             return original(self, scheduler_output)
@@ -654,11 +728,15 @@ def _patched_process(original):
 
 def _patched_execute(original):
     @functools.wraps(original)
-    def _execute_mm_encoder(self: GPUModelRunner, scheduler_output: SchedulerOutput) -> list[torch.Tensor]:
+    def _execute_mm_encoder(
+        self: GPUModelRunner, scheduler_output: SchedulerOutput
+    ) -> list[torch.Tensor]:
         metadata = scheduler_output.ec_manager_metadata
         if not isinstance(metadata, VitBatchStepMetadata):
             return original(self, scheduler_output)
         state = _worker_state(self, metadata)
+        if not scheduler_output.scheduled_encoder_inputs and not state.missing:
+            return original(self, scheduler_output)  # nothing to encode (decode steps)
         try:
             scheduled = self._batch_mm_inputs_from_scheduler(scheduler_output)
             reason = _native_only_reason(self, [modality for modality, _ in scheduled[1]])
@@ -666,10 +744,16 @@ def _patched_execute(original):
                 return _encode_step(self, state, scheduler_output, scheduled)
             state.stats.native_steps += 1
             state.stats.native_reasons[reason] = state.stats.native_reasons.get(reason, 0) + 1
-            state.log_once("native:" + reason, "vitbatch: %s - these steps run vLLM's own encoder path", reason)
-        except Exception:
+            state.log_once(
+                "native:" + reason, "vitbatch: %s - these steps run vLLM's own encoder path", reason
+            )
+        except Exception:  # noqa: BLE001 - any failure: fall back to vLLM, keep serving
             state.stats.fallbacks += 1
-            state.log_once("encode", "vitbatch: encoding failed; running vLLM's native encoder path for this step", exc_info=True)
+            state.log_once(
+                "encode",
+                "vitbatch: encoding failed; running vLLM's native encoder path for this step",
+                exc_info=True,
+            )
         outputs = original(self, scheduler_output)
         _encode_missing_natively(self, state)
         return outputs
@@ -729,7 +813,9 @@ def register() -> None:
     global _registered
     if not _registered:
         _registered = True
-        logger.debug("vitbatch vLLM plugin loaded; enable it with --ec-manager-config (%s)", MANAGER_QUALNAME)
+        logger.debug(
+            "vitbatch vLLM plugin loaded; enable it with --ec-manager-config (%s)", MANAGER_QUALNAME
+        )
 
 
 def stats() -> dict[str, Any]:

