@@ -69,3 +69,26 @@ def test_same_device_is_a_no_op() -> None:
     assert offload.to_device(host, "cpu") is host
     assert offload.release(host) is host
     assert offload.stats.h2d_copies == 0 and offload.stats.d2h_copies == 0
+
+
+def test_pinned_twin_is_returned_and_never_pinned_twice() -> None:
+    """With pinning on, the host reference handed back is the pinned copy, so the
+    next chunk's move of the same features pins nothing. ``pin_memory`` is
+    replaced by a marker copy (CI has no CUDA to pin with)."""
+    pinned: list[torch.Tensor] = []
+
+    def fake_pin(self):
+        twin = self.clone()
+        pinned.append(twin)
+        return twin
+
+    offload = HostReferenceOffload(pin=True)
+    host = torch.randn(6, 4)
+    with mock.patch.object(torch.Tensor, "pin_memory", fake_pin), mock.patch.object(
+        torch.Tensor, "is_pinned", lambda self: any(self is p for p in pinned)
+    ), mock.patch("vitbatch.core.offload._pin_target", lambda device: True):
+        first = offload.release(offload.to_device(host, "meta"))
+        second = offload.release(offload.to_device(first, "meta"))
+    assert len(pinned) == 1 and first is pinned[0] and second is first
+    torch.testing.assert_close(first, host)
+    assert offload.stats.pinned_bytes == 6 * 4 * 4 and offload.stats.d2h_copies == 0

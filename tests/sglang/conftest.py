@@ -162,6 +162,8 @@ def native_and_plugin():
     from sglang.srt.plugins.hook_registry import HookRegistry
 
     original = mm_schedule._get_chunked_prefill_embedding
+    original = getattr(original, "__wrapped__", original)  # never mistake a patched function for SGLang's
+    assert original.__globals__ is mm_schedule.__dict__
     saved_env = os.environ.get("VITBATCH_ENABLE")
     os.environ["VITBATCH_ENABLE"] = "1"
     adapter._registered = adapter._mm_hook_registered = False

@@ -27,7 +27,7 @@ import argparse
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -50,12 +50,18 @@ MB = 1 << 20
 
 @dataclass(frozen=True)
 class Settings:
-    """What the flags say, in the form that travels through the environment."""
+    """What the flags say, in the form that travels through the environment.
+
+    ``cache_mb=None`` means "what SGLang reserved for multimodal embeddings"
+    (``SGLANG_VLM_CACHE_SIZE_MB``, 100 MiB by default, 0 where SGLang turns
+    caching off): that memory is set aside from the KV-cache budget, so using
+    more would risk running out of GPU memory at run time.
+    """
 
     enabled: bool = False
     max_tokens: int = 4096
     max_items: int = 64
-    cache_mb: int = 4096
+    cache_mb: int | None = None
     host_cache_mb: int = 0
 
     ENV = {
@@ -64,6 +70,12 @@ class Settings:
         "max_items": "VITBATCH_MAX_ITEMS",
         "cache_mb": "VITBATCH_CACHE_MB",
         "host_cache_mb": "VITBATCH_HOST_CACHE_MB",
+    }
+    FLAGS = {
+        "max_tokens": "vit_batch_max_tokens",
+        "max_items": "vit_batch_max_items",
+        "cache_mb": "vit_batch_cache_mb",
+        "host_cache_mb": "vit_batch_host_cache_mb",
     }
 
     @classmethod
@@ -84,18 +96,33 @@ class Settings:
         return cls(**values)
 
     def to_env(self) -> dict[str, str]:
-        return {
-            variable: ("1" if self.enabled else "0") if name == "enabled" else str(getattr(self, name))
-            for name, variable in self.ENV.items()
-        }
+        env = {}
+        for name, variable in self.ENV.items():
+            value = getattr(self, name)
+            if name == "enabled":
+                env[variable] = "1" if value else "0"
+            elif value is not None:
+                env[variable] = str(value)
+        return env
 
     def budget(self) -> Budget:
         """Budget in embedding tokens (model-agnostic: SGLang features have model-specific shapes)."""
         return Budget(max_tokens=self.max_tokens or None, max_items=self.max_items or None)
 
+    def resolved_cache_mb(self) -> int:
+        if self.cache_mb is not None:
+            return self.cache_mb
+        from sglang.srt.environ import envs
+
+        return int(envs.SGLANG_VLM_CACHE_SIZE_MB.get())
+
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    """Add vitbatch's options to SGLang's argument parser."""
+    """Add vitbatch's options to SGLang's argument parser.
+
+    Defaults are ``None`` so that an option not given leaves a ``VITBATCH_*``
+    value the user exported untouched.
+    """
     defaults = Settings()
     group = parser.add_argument_group("vitbatch (cross-request ViT batching)")
     group.add_argument(
@@ -106,34 +133,39 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--vit-batch-max-tokens",
         type=int,
-        default=defaults.max_tokens,
-        help="Most embedding tokens per vision-encoder call (0: unbounded).",
+        default=None,
+        help=f"Most embedding tokens per vision-encoder call, 0: unbounded (default {defaults.max_tokens}).",
     )
     group.add_argument(
         "--vit-batch-max-items",
         type=int,
-        default=defaults.max_items,
-        help="Most items per vision-encoder call (0: unbounded).",
+        default=None,
+        help=f"Most items per vision-encoder call, 0: unbounded (default {defaults.max_items}).",
     )
     group.add_argument(
-        "--vit-batch-cache-mb", type=int, default=defaults.cache_mb, help="vitbatch embedding cache on the GPU, MiB."
+        "--vit-batch-cache-mb",
+        type=int,
+        default=None,
+        help="vitbatch embedding cache on the GPU, MiB (default: SGLANG_VLM_CACHE_SIZE_MB, what SGLang reserves).",
     )
     group.add_argument(
         "--vit-batch-host-cache-mb",
         type=int,
-        default=defaults.host_cache_mb,
-        help="Pinned host tier keeping evicted embeddings, MiB (0: off).",
+        default=None,
+        help=f"Pinned host tier keeping evicted embeddings, MiB, 0: off (default {defaults.host_cache_mb}).",
     )
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    return Settings(
-        enabled=bool(getattr(args, "enable_vit_batching", False)),
-        max_tokens=args.vit_batch_max_tokens,
-        max_items=args.vit_batch_max_items,
-        cache_mb=args.vit_batch_cache_mb,
-        host_cache_mb=args.vit_batch_host_cache_mb,
-    )
+def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    """The environment's settings, overridden by the options actually given."""
+    base = Settings.from_env(environ)
+    given = {
+        name: getattr(args, flag)
+        for name, flag in Settings.FLAGS.items()
+        if getattr(args, flag, None) is not None
+    }
+    enabled = base.enabled or bool(getattr(args, "enable_vit_batching", False))
+    return replace(base, enabled=enabled, **given)
 
 
 # ---------------------------------------------------------------------------
@@ -194,7 +226,7 @@ class AdapterState:
     """The batcher of this scheduler process, and what went wrong so far."""
 
     def __init__(self, settings: Settings) -> None:
-        cache = EmbeddingCache(settings.cache_mb * MB, host_capacity_bytes=settings.host_cache_mb * MB)
+        cache = EmbeddingCache(settings.resolved_cache_mb() * MB, host_capacity_bytes=settings.host_cache_mb * MB)
         self.settings = settings
         self.batcher = VitBatcher(settings.budget(), cache)
         self.fallbacks = 0

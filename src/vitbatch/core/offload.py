@@ -40,6 +40,11 @@ def _is_host(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu"
 
 
+def _pin_target(device: torch.device) -> bool:
+    """Whether copies to ``device`` need pinned host memory to be asynchronous."""
+    return device.type == "cuda"
+
+
 class HostReferenceOffload:
     """Moves features to a device while keeping their host tensors.
 
@@ -62,6 +67,9 @@ class HostReferenceOffload:
     def to_device(self, tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
         """Copy a host tensor to ``device`` (non-blocking), remembering the host tensor.
 
+        When pinning is on and ``tensor`` is pageable, it is pinned once; the
+        pinned copy (same content) is what :meth:`release` returns.
+
         A tensor already on ``device`` is returned as is; a tensor on another
         accelerator is moved without a host reference.
         """
@@ -71,13 +79,15 @@ class HostReferenceOffload:
         if not _is_host(tensor):
             return tensor.to(device, non_blocking=True)
         host = tensor
-        if self.pin and device.type == "cuda" and not tensor.is_pinned():
+        if self.pin and _pin_target(device) and not tensor.is_pinned():
             host = tensor.pin_memory()
             self.stats.pinned_bytes += tensor_bytes(host)
         moved = host.to(device, non_blocking=True)
         self.stats.h2d_copies += 1
         self.stats.h2d_bytes += tensor_bytes(host)
-        self._remember(moved, tensor)
+        # Hand back the pinned twin on release: the next move of the same
+        # features (the next prefill chunk) then needs no pinning at all.
+        self._remember(moved, host)
         return moved
 
     def to_device_tree(self, features: Any, device: torch.device | str) -> Any:
