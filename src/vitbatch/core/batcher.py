@@ -22,6 +22,7 @@ from vitbatch.core.items import Item, ItemKey, RequestChunk
 from vitbatch.core.offload import HostReferenceOffload
 from vitbatch.core.planner import Budget, MicroBatch, StepPlan, plan_needed, plan_step
 from vitbatch.core.validate import split_encoder_output
+from vitbatch.plugin.calls import call_first_result
 
 EncoderOutput = Union[torch.Tensor, Sequence[torch.Tensor]]
 EngineEncoder = Callable[[Sequence[Item]], EncoderOutput]
@@ -212,8 +213,6 @@ class VitBatcher:
     def _encode_once(
         self, batch: MicroBatch, engine_encoder: EngineEncoder | None, stats: StepStats
     ) -> list[tuple[Item, torch.Tensor]]:
-        from vitbatch.plugin.calls import call_first_result
-
         answer = call_first_result(
             self.plugin_manager.hook.vitbatch_encode_batch,
             context=f"modality {batch.modality!r}, items {[item.hash for item in batch.items]}",
@@ -247,8 +246,6 @@ class VitBatcher:
         items: Sequence[Item],
         embeddings: dict[ItemKey, torch.Tensor],
     ) -> torch.Tensor:
-        from vitbatch.plugin.calls import call_first_result
-
         answer = call_first_result(
             self.plugin_manager.hook.vitbatch_assemble_chunk,
             context=f"request {chunk.request_id!r}, window [{chunk.window.start}, {chunk.window.end})",
