@@ -8,7 +8,12 @@ import importlib.util
 import torch
 
 import vitbatch
-from vitbatch.plugin.manager import ALLOWLIST_ENV, ENTRY_POINT_GROUP, allowed_plugin_names, make_plugin_manager
+from vitbatch.plugin.manager import (
+    ALLOWLIST_ENV,
+    ENTRY_POINT_GROUP,
+    allowed_plugin_names,
+    make_plugin_manager,
+)
 
 ENGINES = {"sglang": "sglang.srt.plugins", "vllm": "vllm.general_plugins"}
 

@@ -17,7 +17,14 @@ from vitbatch.core.errors import (
 )
 from vitbatch.core.items import Item, ItemKey, RequestChunk, Span, Window
 from vitbatch.core.offload import HostReferenceOffload, OffloadStats
-from vitbatch.core.planner import Budget, MicroBatch, StepPlan, plan_needed, plan_step, split_into_batches
+from vitbatch.core.planner import (
+    Budget,
+    MicroBatch,
+    StepPlan,
+    plan_needed,
+    plan_step,
+    split_into_batches,
+)
 
 __all__ = [
     "AssemblyError",

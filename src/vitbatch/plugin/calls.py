@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import pluggy
-
 import torch
 
 from vitbatch.core.errors import PluginCallError, VitBatchError
