@@ -17,7 +17,7 @@ import pluggy
 import torch
 
 from vitbatch.core.cache import EmbeddingCache, tensor_bytes
-from vitbatch.core.errors import AssemblyError, NoEncoderError
+from vitbatch.core.errors import AssemblyError, NoEncoderError, OutOfMemoryError
 from vitbatch.core.items import Item, ItemKey, RequestChunk
 from vitbatch.core.offload import HostReferenceOffload
 from vitbatch.core.planner import Budget, MicroBatch, StepPlan, plan_needed, plan_step
@@ -28,8 +28,6 @@ EncoderOutput = Union[torch.Tensor, Sequence[torch.Tensor]]
 EngineEncoder = Callable[[Sequence[Item]], EncoderOutput]
 """The engine's own encoder, wrapped by the adapter: items in, embeddings out
 (one concatenated tensor or one tensor per item)."""
-
-OutOfMemoryError: type[BaseException] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 DEFAULT_CACHE_BYTES = 4 << 30
 

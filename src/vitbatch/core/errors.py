@@ -6,6 +6,12 @@ back to the engine's native path, so a bad plugin costs speed, never a request.
 
 from __future__ import annotations
 
+import torch
+
+OutOfMemoryError: type[BaseException] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+"""The device OOM error an encoder call may raise; the batcher halves the batch on it
+(``torch.OutOfMemoryError`` in torch >= 2.5, ``torch.cuda.OutOfMemoryError`` before)."""
+
 
 class VitBatchError(RuntimeError):
     """Base class of vitbatch's own errors."""

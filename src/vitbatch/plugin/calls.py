@@ -11,14 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import pluggy
-import torch
 
-from vitbatch.core.errors import PluginCallError, VitBatchError
+from vitbatch.core.errors import OutOfMemoryError, PluginCallError, VitBatchError
 
-_PASS_THROUGH: tuple[type[BaseException], ...] = (
-    getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),  # the batcher backs off on these
-    VitBatchError,
-)
+_PASS_THROUGH: tuple[type[BaseException], ...] = (OutOfMemoryError, VitBatchError)  # the batcher handles these
 
 
 def call_first_result(caller: pluggy.HookCaller, context: str = "", **kwargs: Any) -> tuple[Any, str] | None:
