@@ -54,3 +54,16 @@ def test_mode_comparison_detects_a_wrong_row() -> None:
     assert max_difference(a, b) > 0.1
     assert max_difference(a, [a[0][:4], None]) == float("inf")
     assert max_difference(a, [a[0], torch.zeros(1, 4)]) == float("inf")
+
+
+def test_offload_report_rejects_a_release_that_is_not_the_host_feature() -> None:
+    """The GPU report's check: a released tensor must be the feature itself or
+    its pinned twin (pinning needs CUDA; the identity and mismatch paths do not)."""
+    import torch
+
+    from vitbatch.bench.offload_report import _check_host_references
+
+    features = [torch.arange(6.0), torch.ones(2, 3)]
+    _check_host_references(features, features)
+    with pytest.raises(RuntimeError, match="feature 1: release returned neither"):
+        _check_host_references([features[0], features[1].clone()], features)
