@@ -27,6 +27,9 @@ def test_bench_modes_agree_and_vitbatch_batches(tmp_path, capsys) -> None:
     assert modes["unbounded"]["encoder_calls"] <= steps
     assert modes["per-request"]["encoder_calls"] > modes["unbounded"]["encoder_calls"]
     assert len({m["encoded_tokens"] for m in modes.values()}) == 1
+    # The warm replay measured the host cost of planning + assembly on its own.
+    assert all(0 < m["idle_host_seconds"] < m["seconds"] for m in modes.values())
+    assert all(m["host_share"] == m["idle_host_seconds"] / m["seconds"] for m in modes.values())
     assert "outputs equal across modes: yes" in printed
 
 

@@ -12,7 +12,7 @@ GIB = 1 << 30
 
 def format_table(results: Sequence[ModeResult], baseline: str) -> str:
     base = next((r for r in results if r.mode == baseline), results[0])
-    rows = [("mode", "images/s", "TFLOP/s", "encoder calls", "peak GiB", "speedup", "plan+assemble ms")]
+    rows = [("mode", "images/s", "TFLOP/s", "encoder calls", "peak GiB", "speedup", "plan+assemble ms", "idle host %")]
     for r in results:
         rows.append(
             (
@@ -23,6 +23,7 @@ def format_table(results: Sequence[ModeResult], baseline: str) -> str:
                 "-" if r.peak_bytes is None else f"{r.peak_bytes / GIB:.2f}",
                 f"{r.images_per_second / base.images_per_second:.2f}x",
                 f"{(r.plan_seconds + r.assemble_seconds) * 1e3:.1f}",
+                f"{r.host_share * 100:.2f}",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -37,6 +37,11 @@ class ModeResult:
     encoded_tokens: int
     plan_seconds: float
     assemble_seconds: float
+    # Planning + assembly of the same steps replayed on a warm cache with the
+    # device idle: the host cost alone. In a timed pass the assembly's kernel
+    # launches can wait for room in a launch queue the encoder calls filled, so
+    # ``assemble_seconds`` there is host wall time, not host work.
+    idle_host_seconds: float = 0.0
     flops: float | None = None
     tokens_per_call: list[int] = field(default_factory=list)
 
@@ -45,12 +50,17 @@ class ModeResult:
         return self.images / self.seconds if self.seconds > 0 else float("inf")
 
     @property
+    def host_share(self) -> float:
+        """Planning + assembly host time (device idle) as a fraction of the step time."""
+        return self.idle_host_seconds / self.seconds if self.seconds > 0 else 0.0
+
+    @property
     def tflops(self) -> float | None:
         return None if self.flops is None or self.seconds <= 0 else self.flops / self.seconds / 1e12
 
     def as_dict(self) -> dict:
         out = asdict(self)
-        out.update(images_per_second=self.images_per_second, tflops=self.tflops)
+        out.update(images_per_second=self.images_per_second, tflops=self.tflops, host_share=self.host_share)
         return out
 
 
@@ -116,6 +126,7 @@ def run_mode(
             best = (seconds, totals, read_peak(device))
     assert best is not None
     seconds, totals, peak = best
+    idle = _idle_host_seconds(mode, steps, batcher, device)
     images = len({(chunk.request_id, index) for chunks in steps for chunk in chunks for index in range(len(chunk.items))})
     result = ModeResult(
         mode=mode,
@@ -126,10 +137,27 @@ def run_mode(
         encoded_tokens=sum(totals.tokens_per_call),
         plan_seconds=totals.plan_seconds,
         assemble_seconds=totals.assemble_seconds,
+        idle_host_seconds=idle,
         tokens_per_call=totals.tokens_per_call,
         flops=flops,
     )
     return result, outputs
+
+
+def _idle_host_seconds(
+    mode: str, steps: Sequence[Sequence[RequestChunk]], batcher: VitBatcher, device: torch.device
+) -> float:
+    """Plan + assemble time of ``steps`` replayed on ``batcher``'s warm cache, device idle.
+
+    Every item is a cache hit, so no encoder runs: what remains is the planner
+    and the assembly of every chunk, as in the timed pass.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    replay, _ = _run_steps(mode, steps, batcher, keep_outputs=False, on_step=lambda: None)
+    if replay.misses:
+        raise RuntimeError(f"{mode}: {replay.misses} cache misses in the warm replay; the cache is too small")
+    return replay.plan_seconds + replay.assemble_seconds
 
 
 def max_difference(reference: Sequence[torch.Tensor | None], other: Sequence[torch.Tensor | None]) -> float:
