@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from vitbatch.bench.report import format_table, write_plot
-from vitbatch.bench.runner import MODES, ModeResult, max_difference, run_mode
+from vitbatch.bench.runner import MODES, max_difference, run_modes
 from vitbatch.bench.workload import WORKLOADS, chunked_steps, draw_requests
 from vitbatch.core import Budget
 
@@ -100,21 +100,17 @@ def run_workload(
     flops = _workload_flops(model, requests)
 
     bar = _progress((1 + args.repeat) * len(steps) * len(args.modes), args.no_progress)
-    results: list[ModeResult] = []
-    outputs = {}
-    for mode in args.modes:
-        result, outputs[mode] = run_mode(
-            mode,
-            steps,
-            model,
-            device,
-            dtype,
-            budget,
-            on_step=(bar.update if bar else lambda: None),
-            flops=flops,
-            repeat=args.repeat,
-        )
-        results.append(result)
+    results, outputs = run_modes(
+        args.modes,
+        steps,
+        model,
+        device,
+        dtype,
+        budget,
+        on_step=(bar.update if bar else lambda: None),
+        flops=flops,
+        repeat=args.repeat,
+    )
     if bar:
         bar.close()
 

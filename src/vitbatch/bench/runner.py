@@ -8,7 +8,7 @@ Modes, all through the same core so only the grouping of misses differs:
 
 Each mode first makes an untimed pass that also warms up and records its
 outputs (on the host) for the equality check, then ``repeat`` timed passes,
-each with a fresh cache; the fastest counts.
+each with a fresh cache, interleaved across modes; the fastest counts.
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ def _run_steps(
     return totals, outputs
 
 
-def run_mode(
-    mode: str,
+def run_modes(
+    modes: Sequence[str],
     steps: Sequence[Sequence[RequestChunk]],
     model: torch.nn.Module,
     device: torch.device,
@@ -96,52 +96,63 @@ def run_mode(
     on_step: Callable[[], None] = lambda: None,
     flops: float | None = None,
     repeat: int = 1,
-) -> tuple[ModeResult, list[torch.Tensor | None]]:
-    """Time ``mode`` over ``steps``; returns the result and the reference outputs.
+) -> tuple[list[ModeResult], dict[str, list[torch.Tensor | None]]]:
+    """Time every mode over ``steps``; returns the results and each mode's outputs.
 
-    :param repeat: timed passes; the fastest counts (the others absorb noise).
+    The timed passes are interleaved (pass 1 of every mode, then pass 2 ...) and
+    the fastest pass of each mode counts: a shared machine that slows down for
+    a few seconds then slows every mode, not only the one that happened to run.
+
+    :param repeat: timed passes per mode.
     :param flops: encoder FLOPs of the workload's distinct images (every mode
         encodes each distinct image once, thanks to the cache), for TFLOP/s.
     """
-
     pinned_cache: dict[int, torch.Tensor] = {}
 
-    def fresh_batcher() -> VitBatcher:
+    def fresh_batcher(mode: str) -> VitBatcher:
         encoder = EmbeddedEncoder(model, device, dtype, pinned=(mode == "vitbatch"), pinned_cache=pinned_cache)
         pm = make_plugin_manager(load_entry_points=False, plugins=[encoder])
         mode_budget = budget if mode == "vitbatch" else Budget.unbounded()
         return VitBatcher(mode_budget, EmbeddingCache(8 << 30), pm)
 
-    _, outputs = _run_steps(mode, steps, fresh_batcher(), keep_outputs=True, on_step=on_step)
-    best: tuple[float, StepStats, int | None] | None = None
+    outputs = {}
+    for mode in modes:  # untimed: warms up and records the outputs to compare
+        _, outputs[mode] = _run_steps(mode, steps, fresh_batcher(mode), keep_outputs=True, on_step=on_step)
+
+    best: dict[str, tuple[float, StepStats, int | None]] = {}
+    last_batcher: dict[str, VitBatcher] = {}
     for _ in range(repeat):
-        batcher = fresh_batcher()  # cold cache: every pass encodes the same images
-        reset_peak(device)
-        started = time.perf_counter()
-        totals, _ = _run_steps(mode, steps, batcher, keep_outputs=False, on_step=on_step)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - started
-        if best is None or seconds < best[0]:
-            best = (seconds, totals, read_peak(device))
-    assert best is not None
-    seconds, totals, peak = best
-    idle = _idle_host_seconds(mode, steps, batcher, device)
+        for mode in modes:
+            batcher = last_batcher[mode] = fresh_batcher(mode)  # cold cache: every pass encodes
+            reset_peak(device)
+            started = time.perf_counter()
+            totals, _ = _run_steps(mode, steps, batcher, keep_outputs=False, on_step=on_step)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - started
+            if mode not in best or seconds < best[mode][0]:
+                best[mode] = (seconds, totals, read_peak(device))
+
     images = len({(chunk.request_id, index) for chunks in steps for chunk in chunks for index in range(len(chunk.items))})
-    result = ModeResult(
-        mode=mode,
-        images=images,
-        seconds=seconds,
-        encoder_calls=totals.encoder_calls,
-        peak_bytes=peak,
-        encoded_tokens=sum(totals.tokens_per_call),
-        plan_seconds=totals.plan_seconds,
-        assemble_seconds=totals.assemble_seconds,
-        idle_host_seconds=idle,
-        tokens_per_call=totals.tokens_per_call,
-        flops=flops,
-    )
-    return result, outputs
+    results = []
+    for mode in modes:
+        seconds, totals, peak = best[mode]
+        results.append(
+            ModeResult(
+                mode=mode,
+                images=images,
+                seconds=seconds,
+                encoder_calls=totals.encoder_calls,
+                peak_bytes=peak,
+                encoded_tokens=sum(totals.tokens_per_call),
+                plan_seconds=totals.plan_seconds,
+                assemble_seconds=totals.assemble_seconds,
+                idle_host_seconds=_idle_host_seconds(mode, steps, last_batcher[mode], device),
+                tokens_per_call=totals.tokens_per_call,
+                flops=flops,
+            )
+        )
+    return results, outputs
 
 
 def _idle_host_seconds(
