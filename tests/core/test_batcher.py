@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.core.fakes import ConcatEncoder, encode_one, make_item
+from tests.core.fakes import HIDDEN, ConcatEncoder, encode_one, make_item
 from vitbatch import hookimpl
 from vitbatch.core import (
     Budget,
@@ -20,8 +20,9 @@ from vitbatch.core.errors import AssemblyError, VitBatchError
 from vitbatch.plugin import make_plugin_manager
 
 
-def batcher_with(*plugins, budget=None, cache=None) -> VitBatcher:
-    return VitBatcher(budget, cache, make_plugin_manager(load_entry_points=False, plugins=plugins))
+def batcher_with(*plugins, budget=None, cache=None, hidden_size=HIDDEN) -> VitBatcher:
+    pm = make_plugin_manager(load_entry_points=False, plugins=plugins)
+    return VitBatcher(budget, cache, pm, hidden_size=hidden_size)
 
 
 def two_requests():
@@ -65,13 +66,15 @@ class BadHidden:
     ],
 )
 def test_wrong_encoder_output_names_plugin_modality_and_item(plugin, fragment) -> None:
-    batcher = batcher_with(plugin)
+    pm = make_plugin_manager(load_entry_points=False)
+    pm.register(plugin, name=f"bad-{type(plugin).__name__}")
+    batcher = VitBatcher(None, None, pm, hidden_size=HIDDEN)
     with pytest.raises(EncoderOutputError) as info:
         batcher.run_step(two_requests())
     message = str(info.value)
     assert fragment in message
     assert "modality 'image'" in message
-    assert type(plugin).__name__ in message or "encoder plugin" in message
+    assert f"encoder plugin 'bad-{type(plugin).__name__}'" in message
 
 
 def test_error_names_the_registered_plugin() -> None:
@@ -158,7 +161,7 @@ def test_oom_on_a_single_item_is_raised() -> None:
 
 def test_stats_count_hits_dedup_and_calls() -> None:
     encoder = ConcatEncoder()
-    batcher = batcher_with(encoder, budget=Budget(max_tokens=8), cache=EmbeddingCache(1 << 20))
+    batcher = batcher_with(encoder, budget=Budget(max_cost=8), cache=EmbeddingCache(1 << 20))
     first = batcher.run_step(two_requests())
     assert first.stats.misses == 3 and first.stats.hits == 0
     assert first.stats.encoder_calls == 2 and first.stats.tokens_per_call == [7, 5]

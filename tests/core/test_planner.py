@@ -28,33 +28,33 @@ def test_items_outside_window_are_not_planned() -> None:
 
 def test_oversized_item_goes_alone_and_splits_are_balanced() -> None:
     items = [make_item(h, n, [(0, n)]) for h, n in enumerate([3, 3, 3, 3, 20, 3])]
-    batches = split_into_batches(items, Budget(max_tokens=10, max_items=None))
+    batches = split_into_batches(items, Budget(max_cost=10, max_items=None))
     assert [[i.hash for i in b] for b in batches] == [[0, 1, 2], [3], [4], [5]]
-    balanced = split_into_batches([make_item(h, 3, [(0, 3)]) for h in range(5)], Budget(max_tokens=12))
+    balanced = split_into_batches([make_item(h, 3, [(0, 3)]) for h in range(5)], Budget(max_cost=12))
     assert [len(b) for b in balanced] == [3, 2]
 
 
 @settings(max_examples=300, deadline=None)
 @given(
     costs=st.lists(st.integers(1, 50), max_size=30),
-    max_tokens=st.one_of(st.none(), st.integers(1, 80)),
+    max_cost=st.one_of(st.none(), st.integers(1, 80)),
     max_items=st.one_of(st.none(), st.integers(1, 8)),
 )
-def test_split_respects_budget_keeps_order_and_loses_nothing(costs, max_tokens, max_items) -> None:
+def test_split_respects_budget_keeps_order_and_loses_nothing(costs, max_cost, max_items) -> None:
     items = [make_item(h, c, [(0, c)]) for h, c in enumerate(costs)]
-    batches = split_into_batches(items, Budget(max_tokens=max_tokens, max_items=max_items))
+    batches = split_into_batches(items, Budget(max_cost=max_cost, max_items=max_items))
     assert [i.hash for b in batches for i in b] == list(range(len(costs)))
     for batch in batches:
         assert batch
         if max_items is not None:
             assert len(batch) <= max_items
-        if max_tokens is not None and len(batch) > 1:
-            assert sum(i.cost for i in batch) <= max_tokens
-    if max_tokens is not None and max_items is None and costs and max(costs) <= max_tokens:
+        if max_cost is not None and len(batch) > 1:
+            assert sum(i.cost for i in batch) <= max_cost
+    if max_cost is not None and max_items is None and costs and max(costs) <= max_cost:
         # Balanced splitting costs at most one call more than the minimum.
         import math
 
-        assert len(batches) <= math.ceil(sum(costs) / max_tokens) * 2
+        assert len(batches) <= math.ceil(sum(costs) / max_cost) * 2
 
 
 _RANK_SCRIPT = r"""
@@ -67,7 +67,7 @@ def item(name, n, offset):
     return Item(name, "image", n, (Span(offset, n),), features=torch.ones(n, 3, dtype=torch.float64))
 
 encoder = ConcatEncoder()
-batcher = VitBatcher(Budget(max_tokens=7), EmbeddingCache(5 * 2 * 6 * 8), make_plugin_manager(False, [encoder]))
+batcher = VitBatcher(Budget(max_cost=7), EmbeddingCache(5 * 2 * 6 * 8), make_plugin_manager(False, [encoder]), hidden_size=6)
 names = [f"img-{i}" for i in range(7)]
 for step in range(6):
     chunks = [RequestChunk([item(names[(step * 2 + r * 2 + k) % 7], 2, 4 * k) for k in range(2)], Window(0, 12), r)

@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.core.fakes import ConcatEncoder, ListEncoder, encode_one, make_item
+from tests.core.fakes import HIDDEN, ConcatEncoder, ListEncoder, encode_one, make_item
 from vitbatch.core import Budget, EmbeddingCache, Item, RequestChunk, VitBatcher, Window
 from vitbatch.plugin import make_plugin_manager
 
@@ -81,8 +81,8 @@ def check_step(batcher: VitBatcher, encoder: ConcatEncoder, chunks: list[Request
     for call in encoder.calls:
         if budget.max_items is not None:
             assert len(call) <= budget.max_items
-        if budget.max_tokens is not None and len(call) > 1:
-            assert sum(item.cost for item in call) <= budget.max_tokens
+        if budget.max_cost is not None and len(call) > 1:
+            assert sum(item.cost for item in call) <= budget.max_cost
     # Nothing encoded twice in a step; every call is one modality.
     keys = [item.key for call in encoder.calls for item in call]
     assert len(keys) == len(set(keys))
@@ -94,7 +94,7 @@ def check_step(batcher: VitBatcher, encoder: ConcatEncoder, chunks: list[Request
 
 budgets = st.builds(
     Budget,
-    max_tokens=st.one_of(st.none(), st.integers(1, 40)),
+    max_cost=st.one_of(st.none(), st.integers(1, 40)),
     max_items=st.one_of(st.none(), st.integers(1, 5)),
 )
 row_bytes = 6 * 8  # HIDDEN float64
@@ -111,7 +111,8 @@ row_bytes = 6 * 8  # HIDDEN float64
 def test_batched_equals_oracle(sequence, budget, capacity_rows, host_rows, encoder_cls) -> None:
     encoder = encoder_cls()
     cache = EmbeddingCache(capacity_rows * row_bytes, host_capacity_bytes=host_rows * row_bytes)
-    batcher = VitBatcher(budget, cache, make_plugin_manager(load_entry_points=False, plugins=[encoder]))
+    pm = make_plugin_manager(load_entry_points=False, plugins=[encoder])
+    batcher = VitBatcher(budget, cache, pm, hidden_size=HIDDEN)
     for chunks in sequence:
         check_step(batcher, encoder, chunks)
 
@@ -121,7 +122,8 @@ def test_batched_equals_oracle(sequence, budget, capacity_rows, host_rows, encod
 def test_cache_hits_never_reencode(sequence) -> None:
     """With a roomy cache, a key encoded once for a cacheable item is never encoded again."""
     encoder = ConcatEncoder()
-    batcher = VitBatcher(Budget(), EmbeddingCache(1 << 20), make_plugin_manager(False, [encoder]))
+    pm = make_plugin_manager(False, [encoder])
+    batcher = VitBatcher(Budget(), EmbeddingCache(1 << 20), pm, hidden_size=HIDDEN)
     seen = set()
     for chunks in sequence:
         check_step(batcher, encoder, chunks)

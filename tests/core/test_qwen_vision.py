@@ -41,10 +41,12 @@ def test_images_never_attend_to_each_other(model, grids) -> None:
 
 
 def test_device_grid_is_refused(model) -> None:
-    """The grid must be host data; the CPU-tensor form is accepted too."""
+    """The grid must be host data (reading a device grid would sync); a CPU tensor is accepted."""
     x = pixels([(1, 4, 4)])[0]
     with torch.no_grad():
         torch.testing.assert_close(model(x, torch.tensor([[1, 4, 4]])), model(x, [(1, 4, 4)]))
+        with pytest.raises(ValueError, match="grid_thw must be on the host"):
+            model(x, torch.tensor([[1, 4, 4]], device="meta"))
 
 
 def test_image_grid_checks_sizes() -> None:

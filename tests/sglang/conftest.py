@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -101,6 +102,8 @@ class FakeEncoder:
 
     per_item_list: bool = False
     calls: list[list[MultimodalDataItem]] = field(default_factory=list)
+    # Like a model's config: the adapter reads the embedding width from it.
+    config: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(hidden_size=HIDDEN))
 
     def __call__(self, items: list[MultimodalDataItem]):
         self.calls.append(list(items))

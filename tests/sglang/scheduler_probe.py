@@ -19,9 +19,9 @@ def probe(queue) -> None:
         {
             "patched": hasattr(mm_schedule._get_chunked_prefill_embedding, "__wrapped__"),
             "enabled": state.settings.enabled,
-            "max_tokens": state.settings.max_tokens,
+            "max_patches": state.settings.max_patches,
             "host_cache_mb": state.settings.host_cache_mb,
-            "budget_tokens": state.batcher.budget.max_tokens,
+            "budget_patches": state.batcher.budget.max_cost,
         }
     )
 

@@ -68,7 +68,7 @@ def test_plugin_equals_sglang_with_unbounded_budget(native_and_plugin, seed) -> 
     native_encoder = FakeEncoder(per_item_list)
     native = run_sequence(sequence, native_encoder, original)
     plugin_encoder = FakeEncoder(per_item_list)
-    settings = adapter.Settings(enabled=True, max_tokens=0, max_items=0, cache_mb=1)
+    settings = adapter.Settings(enabled=True, max_patches=0, max_items=0, cache_mb=1)
     plugin = run_sequence(sequence, plugin_encoder, patched, settings)
     STEPS["count"] += len(sequence)
 
@@ -84,11 +84,11 @@ def test_plugin_equals_sglang_and_respects_budget(native_and_plugin, seed) -> No
     original, patched = native_and_plugin
     rng = random.Random(seed)
     sequence = [random_requests(rng) for _ in range(rng.randint(2, 4))]
-    max_tokens, max_items = rng.choice([4, 8, 16, 30]), rng.choice([1, 2, 3, 64])
+    max_patches, max_items = rng.choice([4, 8, 16, 30]), rng.choice([1, 2, 3, 64])
 
     native = run_sequence(sequence, FakeEncoder(), original)
     plugin_encoder = FakeEncoder(per_item_list=bool(seed % 2))
-    settings = adapter.Settings(enabled=True, max_tokens=max_tokens, max_items=max_items, cache_mb=1)
+    settings = adapter.Settings(enabled=True, max_patches=max_patches, max_items=max_items, cache_mb=1)
     plugin = run_sequence(sequence, plugin_encoder, patched, settings)
     STEPS["count"] += len(sequence)
 
@@ -97,7 +97,7 @@ def test_plugin_equals_sglang_and_respects_budget(native_and_plugin, seed) -> No
     for call in per_image_calls(plugin_encoder):
         assert len(call) <= max_items
         if len(call) > 1:
-            assert sum(sum(e - s + 1 for s, e in item.offsets) for item in call) <= max_tokens
+            assert sum(sum(e - s + 1 for s, e in item.offsets) for item in call) <= max_patches
 
 
 def test_enough_differential_steps_ran() -> None:

@@ -34,7 +34,7 @@ def test_plugin_equals_sglang_per_request_platform_branch(native_and_plugin, mon
     native_encoder = FakeEncoder()
     native = run_sequence(sequence, native_encoder, original)
     plugin_encoder = FakeEncoder()
-    plugin = run_sequence(sequence, plugin_encoder, patched, adapter.Settings(enabled=True, max_tokens=0, max_items=0, cache_mb=1))
+    plugin = run_sequence(sequence, plugin_encoder, patched, adapter.Settings(enabled=True, max_patches=0, max_items=0, cache_mb=1))
     assert adapter.get_state().fallbacks == 0
     assert_same(native, plugin)
     assert len(plugin_encoder.calls) <= len(native_encoder.calls)
@@ -52,7 +52,7 @@ def test_plugin_equals_sglang_with_sglang_cache_disabled(native_and_plugin, seed
     try:
         mm_schedule._get_chunked_prefill_embedding = original
         native = [run_get_embedding_and_mask(build_step(r), native_encoder) for r in sequence]
-        adapter.reset_state(adapter.Settings(enabled=True, max_tokens=0, max_items=0, cache_mb=1))
+        adapter.reset_state(adapter.Settings(enabled=True, max_patches=0, max_items=0, cache_mb=1))
         mm_schedule.init_mm_embedding_cache(0)
         mm_schedule._get_chunked_prefill_embedding = patched
         plugin = [run_get_embedding_and_mask(build_step(r), FakeEncoder()) for r in sequence]
@@ -99,15 +99,15 @@ def test_items_listed_out_of_position_order(native_and_plugin) -> None:
 
 
 def test_options_not_given_keep_the_users_environment() -> None:
-    """VITBATCH_MAX_TOKENS=8192 exported plus a bare `--enable-vit-batching` keeps 8192;
+    """VITBATCH_MAX_PATCHES=8192 exported plus a bare `--enable-vit-batching` keeps 8192;
     an option given on the command line wins."""
     import argparse
 
     parser = argparse.ArgumentParser()
     adapter.add_cli_args(parser)
-    environ = {"VITBATCH_MAX_TOKENS": "8192", "VITBATCH_HOST_CACHE_MB": "32"}
+    environ = {"VITBATCH_MAX_PATCHES": "8192", "VITBATCH_HOST_CACHE_MB": "32"}
     env = adapter.settings_from_args(parser.parse_args(["--enable-vit-batching"]), environ).to_env()
-    assert env["VITBATCH_MAX_TOKENS"] == "8192" and env["VITBATCH_HOST_CACHE_MB"] == "32"
+    assert env["VITBATCH_MAX_PATCHES"] == "8192" and env["VITBATCH_HOST_CACHE_MB"] == "32"
     assert env["VITBATCH_ENABLE"] == "1" and "VITBATCH_CACHE_MB" not in env
-    args = parser.parse_args(["--enable-vit-batching", "--vit-batch-max-tokens", "1024"])
-    assert adapter.settings_from_args(args, environ).to_env()["VITBATCH_MAX_TOKENS"] == "1024"
+    args = parser.parse_args(["--enable-vit-batching", "--vit-batch-max-patches", "1024"])
+    assert adapter.settings_from_args(args, environ).to_env()["VITBATCH_MAX_PATCHES"] == "1024"

@@ -45,15 +45,15 @@ def test_entry_point_is_found_by_sglangs_loader() -> None:
 
 
 def test_flag_reaches_the_spawned_scheduler() -> None:
-    result = run_launcher(["--enable-vit-batching", "--vit-batch-max-tokens", "2048", "--vit-batch-host-cache-mb", "64"])
+    result = run_launcher(["--enable-vit-batching", "--vit-batch-max-patches", "2048", "--vit-batch-host-cache-mb", "64"])
     assert "error" not in result, result.get("error")
     assert result["launcher_patched"] is True
     assert result["scheduler"] == {
         "patched": True,
         "enabled": True,
-        "max_tokens": 2048,
+        "max_patches": 2048,
         "host_cache_mb": 64,
-        "budget_tokens": 2048,
+        "budget_patches": 2048,
     }
 
 
@@ -83,5 +83,5 @@ def test_help_lists_the_options() -> None:
         "from sglang.srt.server_args import prepare_server_args; prepare_server_args(['--help'])"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    for option in ("--enable-vit-batching", "--vit-batch-max-tokens", "--vit-batch-max-items", "--vit-batch-host-cache-mb"):
+    for option in ("--enable-vit-batching", "--vit-batch-max-patches", "--vit-batch-max-items", "--vit-batch-host-cache-mb"):
         assert option in done.stdout

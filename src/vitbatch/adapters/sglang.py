@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vitbatch.core import Budget, EmbeddingCache, Item, RequestChunk, Span, VitBatcher, Window
+from vitbatch.metrics import export_batcher
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import MultimodalDataItem
@@ -41,6 +42,13 @@ logger = logging.getLogger("vitbatch.sglang")
 
 TARGET = "sglang.srt.managers.mm_schedule._get_chunked_prefill_embedding"
 MB = 1 << 20
+RENAMED_ENV = "VITBATCH_MAX_TOKENS"
+RENAMED_MESSAGE = (
+    "vitbatch: --vit-batch-max-tokens / VITBATCH_MAX_TOKENS (embedding tokens) was replaced by "
+    "--vit-batch-max-patches / VITBATCH_MAX_PATCHES: vision patches per encoder call before "
+    "spatial merging, the unit of every vitbatch budget (4 patches per token for 2x2-merge "
+    "models such as Qwen2.5-VL; default 16384)"
+)
 
 
 # ---------------------------------------------------------------------------
@@ -59,28 +67,42 @@ class Settings:
     """
 
     enabled: bool = False
-    max_tokens: int = 4096
+    max_patches: int = 16384
     max_items: int = 64
     cache_mb: int | None = None
     host_cache_mb: int = 0
 
     ENV = {
         "enabled": "VITBATCH_ENABLE",
-        "max_tokens": "VITBATCH_MAX_TOKENS",
+        "max_patches": "VITBATCH_MAX_PATCHES",
         "max_items": "VITBATCH_MAX_ITEMS",
         "cache_mb": "VITBATCH_CACHE_MB",
         "host_cache_mb": "VITBATCH_HOST_CACHE_MB",
     }
     FLAGS = {
-        "max_tokens": "vit_batch_max_tokens",
+        "max_patches": "vit_batch_max_patches",
         "max_items": "vit_batch_max_items",
         "cache_mb": "vit_batch_cache_mb",
         "host_cache_mb": "vit_batch_host_cache_mb",
     }
 
+    def __post_init__(self) -> None:
+        """A bad value stops the launch here, naming the flag, not at the first image."""
+        for name, flag in self.FLAGS.items():
+            value = getattr(self, name)
+            if value is None and name == "cache_mb":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(
+                    f"vitbatch: --{flag.replace('_', '-')} / {self.ENV[name]} must be an integer "
+                    f">= 0 (0: {'unbounded' if name.startswith('max_') else 'off'}), got {value!r}"
+                )
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         environ = os.environ if environ is None else environ
+        if environ.get(RENAMED_ENV):
+            raise ValueError(RENAMED_MESSAGE)
         values: dict[str, Any] = {}
         for name, variable in cls.ENV.items():
             raw = environ.get(variable)
@@ -106,8 +128,8 @@ class Settings:
         return env
 
     def budget(self) -> Budget:
-        """Budget in embedding tokens (model-agnostic: SGLang features have model-specific shapes)."""
-        return Budget(max_tokens=self.max_tokens or None, max_items=self.max_items or None)
+        """Budget in encoder patches (``Item.cost``, see :func:`core_item`)."""
+        return Budget(self.max_patches or None, self.max_items or None)
 
     def resolved_cache_mb(self) -> int:
         if self.cache_mb is not None:
@@ -131,11 +153,13 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         help="Encode the images of all requests of a step in token-budgeted ViT calls (vitbatch).",
     )
     group.add_argument(
-        "--vit-batch-max-tokens",
+        "--vit-batch-max-patches",
         type=int,
         default=None,
-        help=f"Most embedding tokens per vision-encoder call, 0: unbounded (default {defaults.max_tokens}).",
+        help="Most vision patches (before spatial merging) per vision-encoder call, 0: unbounded "
+        f"(default {defaults.max_patches}).",
     )
+    group.add_argument("--vit-batch-max-tokens", type=int, default=None, help=argparse.SUPPRESS)
     group.add_argument(
         "--vit-batch-max-items",
         type=int,
@@ -158,6 +182,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
     """The environment's settings, overridden by the options actually given."""
+    if getattr(args, "vit_batch_max_tokens", None) is not None:
+        raise ValueError(RENAMED_MESSAGE)
     base = Settings.from_env(environ)
     given = {
         name: getattr(args, flag)
@@ -232,6 +258,16 @@ class AdapterState:
         self.fallbacks = 0
         self.unsupported = 0
         self._logged: set[str] = set()
+        self._model_seen = False
+        export_batcher(self.batcher, _metric_labels())
+
+    def see_model(self, data_embedding_func: Callable) -> None:
+        """Take the embedding width from the model the first time a step names it."""
+        if not self._model_seen:
+            self._model_seen = True
+            width = _expected_hidden_size(data_embedding_func)
+            if width is not None:
+                self.batcher.set_hidden_size(width)
 
     def log_once(self, key: str, message: str, *args: Any, exc_info: bool = False) -> None:
         if key in self._logged:
@@ -241,6 +277,46 @@ class AdapterState:
 
 
 _state: AdapterState | None = None
+_state_error_logged = False
+
+
+def _log_state_error(error: Exception) -> None:
+    global _state_error_logged
+    if not _state_error_logged:
+        _state_error_logged = True
+        logger.error("vitbatch could not start (%s); SGLang's native path serves every step", error)
+
+
+def _expected_hidden_size(data_embedding_func: Callable) -> int | None:
+    """The LLM's hidden size (what every multimodal embedding row must have), read
+    from the model that owns ``data_embedding_func`` (a bound method of the model,
+    or a callable model); ``None`` when no config says it."""
+    owner = getattr(data_embedding_func, "__self__", data_embedding_func)
+    config = getattr(owner, "config", None)
+    for candidate in (getattr(config, "text_config", None), config):
+        width = getattr(candidate, "hidden_size", None)
+        if isinstance(width, int) and width > 0:
+            return width
+    return None
+
+
+def _metric_labels() -> dict[str, str]:
+    """Prometheus labels of this scheduler process, as far as SGLang tells them."""
+    labels: dict[str, str] = {}
+    try:
+        from sglang.srt.server_args import get_global_server_args
+
+        args = get_global_server_args()
+        labels["model_name"] = str(args.served_model_name or args.model_path)
+    except Exception:
+        pass
+    try:
+        from sglang.srt.distributed import get_tensor_model_parallel_rank
+
+        labels["tp_rank"] = str(get_tensor_model_parallel_rank())
+    except Exception:
+        pass
+    return labels
 
 
 def get_state() -> AdapterState:
@@ -273,14 +349,21 @@ def _around_chunked_prefill(
     :func:`chunked_prefill_embedding`, or to ``original`` if vitbatch cannot serve the step."""
     if kwargs:  # SGLang 0.5.23 passes all seven positionally; anything else is not ours to guess
         return original(*args, **kwargs)
-    state = get_state()
+    state: AdapterState | None = None
     try:
+        state = get_state()
+        state.see_model(args[0])
         return chunked_prefill_embedding(state, original, *args)
     except Unsupported as reason:
         state.unsupported += 1
+        state.batcher.note_fallback("unsupported")
         state.log_once(f"unsupported:{reason}", "vitbatch: SGLang's native path serves steps with %s", reason)
     except Exception as error:  # a plugin bug must cost speed, never a request
+        if state is None:  # vitbatch could not even start: say so once, serve natively
+            _log_state_error(error)
+            return original(*args)
         state.fallbacks += 1
+        state.batcher.note_fallback("error")
         state.log_once(
             f"error:{type(error).__name__}",
             "vitbatch failed on a step (%s: %s); SGLang's native path serves it (logged once per error type)",
@@ -294,14 +377,26 @@ def _around_chunked_prefill(
 def core_item(item: MultimodalDataItem) -> Item:
     """A ``MultimodalDataItem`` as a core item (SGLang offsets are inclusive ``(start, end)``)."""
     spans = tuple(Span(start, end - start + 1) for start, end in item.offsets)
+    feature = item.feature if isinstance(item.feature, torch.Tensor) else None
+    num_tokens = sum(span.length for span in spans)
     return Item(
         hash=item.hash,
         modality=str(getattr(item.modality, "name", item.modality)).lower(),
-        num_tokens=sum(span.length for span in spans),
+        num_tokens=num_tokens,
         spans=spans,
-        features=item.feature if isinstance(item.feature, torch.Tensor) else None,
+        features=feature,
+        cost=_patches(feature, num_tokens),
         payload=item,
     )
+
+
+def _patches(feature: torch.Tensor | None, num_tokens: int) -> int:
+    """Encoder input units of an item: the rows of a flattened-patch feature
+    (Qwen-VL family: one row per patch before merging); embedding rows where the
+    feature has another layout (e.g. ``[images, C, H, W]`` pixel tensors)."""
+    if feature is not None and feature.dim() == 2 and feature.shape[0] >= num_tokens:
+        return int(feature.shape[0])
+    return num_tokens
 
 
 def _check_order(items: Sequence[Item]) -> None:

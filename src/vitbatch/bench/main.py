@@ -29,7 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=None, help="override the workload's request count")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="float32 on CPU, bfloat16 on CUDA")
-    parser.add_argument("--max-tokens", type=int, default=Budget().max_tokens, help="vitbatch budget: patches per call")
+    parser.add_argument(
+        "--max-patches", type=int, default=Budget().max_cost, help="vitbatch budget: patches per call"
+    )
     parser.add_argument("--max-items", type=int, default=Budget().max_items, help="vitbatch budget: items per call")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--repeat", type=int, default=2, help="timed passes per mode; the fastest counts")
@@ -96,7 +98,7 @@ def run_workload(
         seed=args.seed,
     )
     steps = chunked_steps(requests, spec.chunk_tokens)
-    budget = Budget(max_tokens=args.max_tokens, max_items=args.max_items)
+    budget = Budget(max_cost=args.max_patches, max_items=args.max_items)
     flops = _workload_flops(model, requests)
 
     bar = _progress((1 + args.repeat) * len(steps) * len(args.modes), args.no_progress)
@@ -121,7 +123,7 @@ def run_workload(
     print(
         f"workload {name}: {spec.requests} requests, {len(steps)} step(s), "
         f"{sum(len(r.images) for r in requests)} images; encoder {args.encoder} {str(dtype).removeprefix('torch.')} "
-        f"on {_device_name(device)}; vitbatch budget {budget.max_tokens} patches / {budget.max_items} items"
+        f"on {_device_name(device)}; vitbatch budget {budget.max_cost} patches / {budget.max_items} items"
     )
     print(format_table(results, baseline="per-request" if "per-request" in args.modes else reference))
     print(
@@ -148,7 +150,7 @@ def run_workload(
         "requests": spec.requests,
         "steps": len(steps),
         "images": sum(len(r.images) for r in requests),
-        "budget": {"max_tokens": budget.max_tokens, "max_items": budget.max_items},
+        "budget": {"max_cost": budget.max_cost, "max_items": budget.max_items},
         "outputs_equal": equal,
         "relative_error": differences,
         "results": [r.as_dict() for r in results],

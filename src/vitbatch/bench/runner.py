@@ -71,7 +71,7 @@ def _run_steps(
     keep_outputs: bool,
     on_step: Callable[[], None],
 ) -> tuple[StepStats, list[torch.Tensor | None]]:
-    totals = StepStats()
+    totals = StepStats()  # one bounded pass: per-call detail is wanted here
     outputs: list[torch.Tensor | None] = []
     for chunks in steps:
         groups = [[chunk] for chunk in chunks] if mode == "per-request" else [list(chunks)]
@@ -115,7 +115,8 @@ def run_modes(
         encoder = EmbeddedEncoder(model, device, dtype, pinned=(mode == "vitbatch"), pinned_cache=pinned_cache)
         pm = make_plugin_manager(load_entry_points=False, plugins=[encoder])
         mode_budget = budget if mode == "vitbatch" else Budget.unbounded()
-        return VitBatcher(mode_budget, EmbeddingCache(8 << 30), pm)
+        hidden = model.config.out_hidden_size
+        return VitBatcher(mode_budget, EmbeddingCache(8 << 30), pm, hidden_size=hidden)
 
     outputs = {}
     for mode in modes:  # untimed: warms up and records the outputs to compare

@@ -1,12 +1,6 @@
 """Engine-agnostic core: items, planning, caching, offload, the step engine. Torch only."""
 
-from vitbatch.core.batcher import (
-    EncoderOutput,
-    EngineEncoder,
-    StepResult,
-    StepStats,
-    VitBatcher,
-)
+from vitbatch.core.batcher import StepObserver, StepResult, VitBatcher
 from vitbatch.core.cache import CacheStats, EmbeddingCache
 from vitbatch.core.errors import (
     AssemblyError,
@@ -15,7 +9,15 @@ from vitbatch.core.errors import (
     PluginCallError,
     VitBatchError,
 )
-from vitbatch.core.items import Item, ItemKey, RequestChunk, Span, Window
+from vitbatch.core.items import (
+    EncoderOutput,
+    EngineEncoder,
+    Item,
+    ItemKey,
+    RequestChunk,
+    Span,
+    Window,
+)
 from vitbatch.core.offload import HostReferenceOffload, OffloadStats
 from vitbatch.core.planner import (
     Budget,
@@ -25,6 +27,7 @@ from vitbatch.core.planner import (
     plan_step,
     split_into_batches,
 )
+from vitbatch.core.stats import Histogram, StepStats, Totals
 
 __all__ = [
     "AssemblyError",
@@ -34,6 +37,7 @@ __all__ = [
     "EncoderOutput",
     "EncoderOutputError",
     "EngineEncoder",
+    "Histogram",
     "HostReferenceOffload",
     "Item",
     "ItemKey",
@@ -43,9 +47,11 @@ __all__ = [
     "PluginCallError",
     "RequestChunk",
     "Span",
+    "StepObserver",
     "StepPlan",
     "StepResult",
     "StepStats",
+    "Totals",
     "VitBatchError",
     "VitBatcher",
     "Window",

@@ -9,57 +9,33 @@ lives in :mod:`vitbatch.core.planner` and :mod:`vitbatch.core.validate`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
-from typing import Union
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import pluggy
 import torch
 
 from vitbatch.core.cache import EmbeddingCache, tensor_bytes
 from vitbatch.core.errors import AssemblyError, NoEncoderError, OutOfMemoryError
-from vitbatch.core.items import Item, ItemKey, RequestChunk
+from vitbatch.core.hooks import call_first_result, default_plugin_manager
+from vitbatch.core.items import EncoderOutput, EngineEncoder, Item, ItemKey, RequestChunk
 from vitbatch.core.offload import HostReferenceOffload
 from vitbatch.core.planner import Budget, MicroBatch, StepPlan, plan_needed, plan_step
-from vitbatch.core.validate import split_encoder_output
-from vitbatch.plugin.calls import call_first_result
+from vitbatch.core.stats import StepStats, Totals
+from vitbatch.core.validate import check_finite, split_encoder_output
 
-EncoderOutput = Union[torch.Tensor, Sequence[torch.Tensor]]
-EngineEncoder = Callable[[Sequence[Item]], EncoderOutput]
-"""The engine's own encoder, wrapped by the adapter: items in, embeddings out
-(one concatenated tensor or one tensor per item)."""
+__all__ = ["EncoderOutput", "EngineEncoder", "StepObserver", "StepResult", "StepStats", "VitBatcher"]
 
 DEFAULT_CACHE_BYTES = 4 << 30
 
 
-@dataclass
-class StepStats:
-    """What one step did. ``*_seconds`` are host wall-clock times (no device sync)."""
+class StepObserver(Protocol):
+    """Something that watches a batcher (a metrics exporter): told after every step."""
 
-    requests: int = 0
-    items: int = 0
-    hits: int = 0
-    host_hits: int = 0
-    misses: int = 0
-    deduplicated: int = 0
-    encoder_calls: int = 0
-    tokens_per_call: list[int] = field(default_factory=list)
-    cost_per_call: list[int] = field(default_factory=list)
-    oom_splits: int = 0
-    plan_seconds: float = 0.0
-    encode_seconds: float = 0.0
-    assemble_seconds: float = 0.0
-    d2h_copies_avoided: int = 0
-    d2h_bytes_avoided: int = 0
+    def on_step(self, batcher: VitBatcher, stats: StepStats) -> None: ...
 
-    def add(self, other: StepStats) -> None:
-        """Accumulate ``other`` into ``self`` (for totals over many steps)."""
-        for f in fields(self):
-            mine = getattr(self, f.name)
-            if isinstance(mine, list):
-                mine.extend(getattr(other, f.name))
-            else:
-                setattr(self, f.name, mine + getattr(other, f.name))
+    def on_fallback(self, batcher: VitBatcher, reason: str) -> None: ...
 
 
 @dataclass
@@ -84,6 +60,14 @@ class VitBatcher:
     :param cache: embedding cache; a 4 GiB device tier without host tier by default.
     :param plugin_manager: the pluggy manager whose hooks encode and assemble;
         the process-wide one (entry-point plugins + defaults) by default.
+    :param hidden_size: the embedding width the engine's model produces (one int
+        for every modality, or per modality). Every encoder output is checked
+        against it. Adapters pass what the engine's model config says; where it
+        is unknown, the width is learned, but only once two encoder calls agree:
+        until then nothing is cached, so one malformed call cannot poison a
+        modality for the life of the process.
+    :param check_finite: also reject embeddings holding NaN/Inf (a debugging aid:
+        it reads every value, so it costs a device sync per call).
     """
 
     def __init__(
@@ -91,18 +75,45 @@ class VitBatcher:
         budget: Budget | None = None,
         cache: EmbeddingCache | None = None,
         plugin_manager: pluggy.PluginManager | None = None,
+        *,
+        hidden_size: int | Mapping[str, int] | None = None,
+        check_finite: bool = False,
     ) -> None:
-        if plugin_manager is None:
-            from vitbatch.plugin.manager import get_plugin_manager
-
-            plugin_manager = get_plugin_manager()
         self.budget = budget or Budget()
         self.cache = cache if cache is not None else EmbeddingCache(DEFAULT_CACHE_BYTES)
-        self.plugin_manager = plugin_manager
+        self.plugin_manager = plugin_manager or default_plugin_manager()
         self.offload = HostReferenceOffload()
-        self.totals = StepStats()
+        self.check_finite = check_finite
+        self.totals = Totals()
         self.last_stats = StepStats()
-        self._hidden_size: dict[str, int] = {}
+        self.observers: list[StepObserver] = []
+        self._default_width: int | None = None
+        self._widths: dict[str, int] = {}
+        self._candidates: dict[str, tuple[int, int]] = {}  # modality -> (width, agreeing calls)
+        self.set_hidden_size(hidden_size)
+
+    def set_hidden_size(self, hidden_size: int | Mapping[str, int] | None) -> None:
+        """Set the engine's embedding width (see the class parameter), e.g. once the
+        adapter first sees the engine's model. Widths learned so far are dropped."""
+        if isinstance(hidden_size, int):
+            _check_width("hidden_size", hidden_size)
+            self._default_width, self._widths = hidden_size, {}
+        else:
+            widths = dict(hidden_size or {})
+            for modality, width in widths.items():
+                _check_width(f"hidden_size[{modality!r}]", width)
+            self._default_width, self._widths = None, widths
+        self._candidates.clear()
+
+    def expected_hidden_size(self, modality: str) -> int | None:
+        """The width outputs of ``modality`` must have: configured, or learned and confirmed."""
+        return self._widths.get(modality, self._default_width)
+
+    def note_fallback(self, reason: str) -> None:
+        """Count a step the adapter served with the engine's own path (``reason``: a short tag)."""
+        self.totals.note_fallback(reason)
+        for observer in self.observers:
+            observer.on_fallback(self, reason)
 
     # -- public entry points ---------------------------------------------------
     def run_step(
@@ -167,6 +178,8 @@ class VitBatcher:
         stats.d2h_bytes_avoided = offload.d2h_bytes_avoided - self.totals.d2h_bytes_avoided
         self.last_stats = stats
         self.totals.add(stats)
+        for observer in self.observers:
+            observer.on_step(self, stats)
 
     def _execute(
         self, plan: StepPlan, engine_encoder: EngineEncoder | None, stats: StepStats
@@ -184,7 +197,7 @@ class VitBatcher:
         for batch in plan.batches:
             for item, embedding in self._encode_with_backoff(batch, engine_encoder, stats):
                 embeddings[item.key] = embedding
-                if item.cacheable:
+                if item.cacheable and self.expected_hidden_size(item.modality) is not None:
                     self.cache.put(item.key, _own_storage(embedding))
         stats.encode_seconds = time.perf_counter() - started
         return embeddings
@@ -211,6 +224,7 @@ class VitBatcher:
     def _encode_once(
         self, batch: MicroBatch, engine_encoder: EngineEncoder | None, stats: StepStats
     ) -> list[tuple[Item, torch.Tensor]]:
+        started = time.perf_counter()
         answer = call_first_result(
             self.plugin_manager.hook.vitbatch_encode_batch,
             context=f"modality {batch.modality!r}, items {[item.hash for item in batch.items]}",
@@ -230,13 +244,29 @@ class VitBatcher:
             batch.items,
             plugin_name=plugin_name,
             modality=batch.modality,
-            hidden_size=self._hidden_size.get(batch.modality),
+            hidden_size=self.expected_hidden_size(batch.modality),
         )
-        self._hidden_size.setdefault(batch.modality, per_item[0].shape[-1])
+        if self.check_finite:
+            check_finite(per_item, batch.items, plugin_name=plugin_name, modality=batch.modality)
+        self._learn_width(batch.modality, per_item[0].shape[-1])
         stats.encoder_calls += 1
         stats.tokens_per_call.append(batch.num_tokens)
         stats.cost_per_call.append(batch.cost)
+        stats.items_per_call.append(len(batch.items))
+        stats.seconds_per_call.append(time.perf_counter() - started)
         return list(zip(batch.items, per_item))
+
+    def _learn_width(self, modality: str, width: int) -> None:
+        """Confirm an unconfigured modality's width once two calls agree on it."""
+        if self.expected_hidden_size(modality) is not None:
+            return
+        seen, calls = self._candidates.get(modality, (width, 0))
+        calls = calls + 1 if seen == width else 1
+        if calls >= 2:
+            self._widths[modality] = width
+            self._candidates.pop(modality, None)
+        else:
+            self._candidates[modality] = (width, calls)
 
     def _assemble(
         self,
@@ -263,6 +293,11 @@ class VitBatcher:
                 f"for items {[item.hash for item in items]}"
             )
         return result
+
+
+def _check_width(name: str, width: object) -> None:
+    if not isinstance(width, int) or isinstance(width, bool) or width <= 0:
+        raise ValueError(f"VitBatcher {name} must be a positive int, got {width!r}")
 
 
 def _own_storage(embedding: torch.Tensor) -> torch.Tensor:

@@ -129,6 +129,10 @@ class EmbeddingCache:
     def __contains__(self, key: ItemKey) -> bool:
         return key in self._device or key in self._host
 
+    def peek_all(self) -> list[tuple[ItemKey, torch.Tensor]]:
+        """Every entry of both tiers, without touching LRU order or statistics (checks, tests)."""
+        return [*self._device.entries.items(), *self._host.entries.items()]
+
     def host_keys(self) -> list[ItemKey]:
         """Keys held only in the host tier (an adapter may advertise them)."""
         return list(self._host.entries)

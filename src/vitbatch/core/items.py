@@ -10,7 +10,7 @@ back when the engine's own encoder is called.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -158,3 +158,13 @@ class RequestChunk:
     items: Sequence[Item]
     window: Window
     request_id: Hashable = None
+
+
+EncoderOutput = Union[torch.Tensor, Sequence[torch.Tensor]]
+"""What an encoder answers for a micro-batch: one tensor with the items' rows
+concatenated in order, or one tensor per item."""
+
+EngineEncoder = Callable[[Sequence[Item]], EncoderOutput]
+"""The engine's own encoder, wrapped by the adapter: items in, embeddings out.
+It is handed to the ``vitbatch_encode_batch`` hook; the default implementation
+calls it on the whole micro-batch."""

@@ -24,24 +24,27 @@ from vitbatch.core.items import Item, ItemKey, RequestChunk
 class Budget:
     """Upper bounds for one encoder call.
 
-    :param max_tokens: most encoder cost units (``Item.cost``: patches, frames...)
-        in one call. An item that alone exceeds it goes alone. ``None``: unbounded.
+    :param max_cost: most encoder cost units in one call. The unit is the one of
+        ``Item.cost``: vision patches fed to the encoder before spatial merging
+        (what its activation memory scales with), in every adapter and the bench;
+        embedding rows only for an encoder that exposes no patch count. An item
+        that alone exceeds it goes alone. ``None``: unbounded.
     :param max_items: most items in one call. ``None``: unbounded.
     """
 
-    max_tokens: int | None = 16384
+    max_cost: int | None = 16384
     max_items: int | None = 64
 
     def __post_init__(self) -> None:
-        if self.max_tokens is not None and self.max_tokens <= 0:
-            raise ValueError(f"Budget.max_tokens must be positive or None, got {self.max_tokens}")
+        if self.max_cost is not None and self.max_cost <= 0:
+            raise ValueError(f"Budget.max_cost must be positive or None, got {self.max_cost}")
         if self.max_items is not None and self.max_items <= 0:
             raise ValueError(f"Budget.max_items must be positive or None, got {self.max_items}")
 
     @classmethod
     def unbounded(cls) -> Budget:
         """All misses of a group in one call (what SGLang does natively on CUDA)."""
-        return cls(max_tokens=None, max_items=None)
+        return cls(max_cost=None, max_items=None)
 
 
 @dataclass(frozen=True)
@@ -95,15 +98,15 @@ def split_into_batches(items: Sequence[Item], budget: Budget) -> list[list[Item]
     Calls are balanced rather than filled greedily: with a total of 1.3 budgets
     we make two calls of 0.65 each instead of 1.0 + 0.3, because the short
     second call would pay the same fixed launch cost for little work. No call
-    exceeds ``budget.max_tokens`` unless it holds a single oversized item.
+    exceeds ``budget.max_cost`` unless it holds a single oversized item.
     """
     if not items:
         return []
     max_items = budget.max_items or len(items)
-    if budget.max_tokens is None:
+    if budget.max_cost is None:
         return [list(items[i : i + max_items]) for i in range(0, len(items), max_items)]
     total = sum(item.cost or 0 for item in items)
-    calls = max(math.ceil(total / budget.max_tokens), math.ceil(len(items) / max_items))
+    calls = max(math.ceil(total / budget.max_cost), math.ceil(len(items) / max_items))
     target = math.ceil(total / calls)
     batches: list[list[Item]] = []
     current: list[Item] = []
@@ -112,7 +115,7 @@ def split_into_batches(items: Sequence[Item], budget: Budget) -> list[list[Item]
         cost = item.cost or 0
         fits = (
             current_cost < target
-            and current_cost + cost <= budget.max_tokens
+            and current_cost + cost <= budget.max_cost
             and len(current) < max_items
         )
         if current and not fits:

@@ -80,3 +80,25 @@ def split_encoder_output(
                 f"{item.hash!r}: expected {reference}"
             )
     return per_item
+
+
+def check_finite(
+    per_item: Sequence[torch.Tensor],
+    items: Sequence[Item],
+    *,
+    plugin_name: str,
+    modality: str,
+) -> None:
+    """Reject NaN/Inf rows (opt-in debugging aid: it reads every value back).
+
+    :raises EncoderOutputError: naming the first item whose embedding is not finite.
+    """
+    for item, embedding in zip(items, per_item):
+        finite = torch.isfinite(embedding)
+        if not bool(finite.all()):
+            bad_rows = int((~finite).any(dim=-1).sum())
+            raise EncoderOutputError(
+                f"{_where(plugin_name, modality)} returned non-finite values (NaN/Inf) in "
+                f"{bad_rows} of {embedding.shape[0]} rows for item {item.hash!r}: expected finite "
+                "embeddings"
+            )

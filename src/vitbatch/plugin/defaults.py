@@ -14,7 +14,7 @@ import torch
 from vitbatch.plugin.hookspecs import hookimpl
 
 if TYPE_CHECKING:
-    from vitbatch.core.batcher import EngineEncoder
+    from vitbatch.core.items import EngineEncoder
     from vitbatch.core.items import Item, Window
 
 

@@ -24,7 +24,7 @@ import pluggy
 if TYPE_CHECKING:
     import torch
 
-    from vitbatch.core.batcher import EngineEncoder
+    from vitbatch.core.items import EngineEncoder
     from vitbatch.core.items import Item, Window
 
 PROJECT_NAME = "vitbatch"

@@ -1,6 +1,11 @@
-"""Calling a firstresult hook while knowing which plugin answered.
+"""The core's one seam to the plugin layer: the step engine calling hooks.
 
-pluggy's own call returns only the value. Error messages must name the plugin
+The core imports nothing of :mod:`vitbatch.plugin` at module level; the plugin
+layer imports the core (items, errors). The step engine reaches the hooks only
+through this module: :func:`default_plugin_manager` (the process-wide manager,
+imported lazily) and :func:`call_first_result`.
+
+pluggy's own call of a firstresult hook returns only the value. Error messages must name the plugin
 that produced a bad embedding, so we walk the implementations in pluggy's
 documented order (last registered first, ``tryfirst``/``trylast`` honoured) using
 the public ``HookCaller.get_hookimpls()``.
@@ -14,10 +19,20 @@ import pluggy
 
 from vitbatch.core.errors import OutOfMemoryError, PluginCallError, VitBatchError
 
-_PASS_THROUGH: tuple[type[BaseException], ...] = (OutOfMemoryError, VitBatchError)  # the batcher handles these
+_PASS_THROUGH: tuple[type[BaseException], ...] = (OutOfMemoryError, VitBatchError)
+"""Errors the batcher handles itself (split on OOM; its own errors already name the plugin)."""
 
 
-def call_first_result(caller: pluggy.HookCaller, context: str = "", **kwargs: Any) -> tuple[Any, str] | None:
+def default_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide manager (entry-point plugins + defaults), built on first use."""
+    from vitbatch.plugin.manager import get_plugin_manager
+
+    return get_plugin_manager()
+
+
+def call_first_result(
+    caller: pluggy.HookCaller, context: str = "", **kwargs: Any
+) -> tuple[Any, str] | None:
     """Call ``caller``'s implementations until one returns non-None.
 
     :param context: what is being processed (modality, item hashes), for errors.
