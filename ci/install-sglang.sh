@@ -15,7 +15,7 @@ python -m pip install \
   "transformers==5.19.0" "tokenizers==0.23.2" "sentencepiece==0.2.1" "apache-tvm-ffi==0.1.11" \
   "compressed-tensors==0.18.0" "openai==2.8.0" \
   msgspec numpy pydantic pillow orjson psutil requests packaging pyzmq einops pybase64 starlette \
-  IPython aiohttp dill gguf partial_json_parser
+  IPython aiohttp dill gguf partial_json_parser prometheus-client httpx
 python -m pip install -e ".[test]" -e examples/vitbatch-embedding-store
 python - <<'PY'
 import sglang.srt.managers.mm_schedule, sglang.srt.managers.mm_utils, sglang.srt.server_args, sglang.srt.plugins

@@ -85,3 +85,24 @@ def test_help_lists_the_options() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     for option in ("--enable-vit-batching", "--vit-batch-max-patches", "--vit-batch-max-items", "--vit-batch-host-cache-mb"):
         assert option in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--vit-batch-max-patches", "-5"], "--vit-batch-max-patches / VITBATCH_MAX_PATCHES must be an integer >= 0"),
+        (["--vit-batch-max-items", "-1"], "--vit-batch-max-items / VITBATCH_MAX_ITEMS must be an integer >= 0"),
+        (["--vit-batch-cache-mb", "-2"], "--vit-batch-cache-mb / VITBATCH_CACHE_MB must be an integer >= 0"),
+        (["--vit-batch-host-cache-mb", "-64"], "--vit-batch-host-cache-mb / VITBATCH_HOST_CACHE_MB"),
+        (["--vit-batch-max-tokens", "4096"], "was replaced by --vit-batch-max-patches"),
+    ],
+)
+def test_bad_values_stop_the_launch_naming_the_flag(args: list[str], message: str) -> None:
+    """Not accepted and then raised at the first image: the launch itself fails, readably."""
+    result = run_launcher(["--enable-vit-batching", *args])
+    assert message in result.get("error", ""), result
+
+
+def test_bad_environment_value_stops_the_launch() -> None:
+    result = run_launcher(["--enable-vit-batching"], VITBATCH_MAX_ITEMS="-3")
+    assert "--vit-batch-max-items / VITBATCH_MAX_ITEMS must be an integer >= 0" in result.get("error", "")

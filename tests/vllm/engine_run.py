@@ -39,7 +39,7 @@ from tiny_qwen2vl import image_tokens, prompt_for
 
 MAX_NUM_BATCHED_TOKENS = 256  # also vLLM's encoder cache size, in embeddings
 VITBATCH_OPTIONS = {
-    "max_batch_tokens": 256,  # patches (4 per embedding): forces several encoder calls per step
+    "max_batch_patches": 256,  # patches (4 per embedding): forces several encoder calls per step
     "max_batch_items": 8,
     "host_cache_embeds": 2048,
 }

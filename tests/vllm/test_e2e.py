@@ -91,12 +91,15 @@ def test_vitbatch_encoded_every_step_itself(runs) -> None:
 
 def test_budgeted_cross_request_batches(runs) -> None:
     batcher = runs["vitbatch"]["stats"]["worker"]["batcher"]
-    budget = engine_run.VITBATCH_OPTIONS["max_batch_tokens"]
+    budget = engine_run.VITBATCH_OPTIONS["max_batch_patches"]
     # Each step's images are split into budget-sized calls (vLLM alone makes one call per step)...
     assert batcher["encoder_calls"] > runs["vitbatch"]["stats"]["worker"]["steps"]
     # ...each within budget (the largest test image, 64 tokens = 256 patches, fits alone)...
     assert max(runs["vitbatch"]["image_tokens"].values()) * 4 <= budget
-    assert all(cost <= budget for cost in batcher["cost_per_call"])
+    histogram = batcher["cost_per_call"]  # fixed buckets; 256 is one of the bounds
+    assert budget in histogram["bounds"]
+    over = [n for bound, n in zip(histogram["bounds"] + [float("inf")], histogram["counts"]) if bound > budget]
+    assert sum(histogram["counts"]) == batcher["encoder_calls"] and sum(over) == 0
     # ...and images of different requests share a call.
     assert runs["vitbatch"]["stats"]["worker"]["cross_request_calls"] >= 1
 

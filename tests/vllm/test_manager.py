@@ -108,13 +108,13 @@ def test_vllm_serve_flag_names_the_manager() -> None:
 
     config = {
         "encoder_cache_manager_cls": adapter.MANAGER_QUALNAME,
-        "manager_config": {"max_batch_tokens": 4096, "host_cache_bytes": 1 << 30},
+        "manager_config": {"max_batch_patches": 4096, "host_cache_bytes": 1 << 30},
     }
     parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
     args = parser.parse_args(["--model", "m", "--ec-manager-config", json.dumps(config)])
     ec_config = args.ec_manager_config  # the parser builds vLLM's EncoderCacheManagerConfig
     assert ec_config.get_encoder_cache_manager_obj() is Manager
-    assert VllmOptions.from_manager_config(ec_config.manager_config).max_batch_tokens == 4096
+    assert VllmOptions.from_manager_config(ec_config.manager_config).max_batch_patches == 4096
 
 
 def test_evicted_entry_is_demoted_then_restored_as_cached() -> None:
@@ -249,13 +249,13 @@ def test_reset_clears_the_host_tier_everywhere() -> None:
 
 
 def test_options() -> None:
-    options = VllmOptions.from_manager_config({"max_batch_tokens": 64, "host_cache_bytes": 1000})
-    assert options.budget.max_tokens == 64 and options.host_capacity_embeds(10) == 100
+    options = VllmOptions.from_manager_config({"max_batch_patches": 64, "host_cache_bytes": 1000})
+    assert options.budget.max_cost == 64 and options.host_capacity_embeds(10) == 100
     assert VllmOptions.from_manager_config({"host_cache_embeds": 7}).host_capacity_embeds(10) == 7
     with pytest.raises(ValueError, match="unknown manager_config key.*'max_tokens'"):
         VllmOptions.from_manager_config({"max_tokens": 1})
     with pytest.raises(ValueError, match="max_tokens must be positive"):
-        VllmOptions.from_manager_config({"max_batch_tokens": 0})
+        VllmOptions.from_manager_config({"max_batch_patches": 0})
 
 
 def _patched() -> bool:
@@ -394,3 +394,12 @@ def test_create_manager_stays_out_where_the_worker_is_not_driven() -> None:
     assert type(encdec) is EncoderDecoderCacheManager
     with pytest.raises(ValueError, match="unknown manager_config key"):
         Manager.create_manager(cache_size=10, vllm_config=fake_vllm_config({"nope": 1}))
+
+
+def test_old_option_name_is_an_alias_with_a_warning(caplog) -> None:
+    with caplog.at_level("WARNING", logger="vllm.vitbatch"):
+        options = VllmOptions.from_manager_config({"max_batch_tokens": 512})
+    assert options.max_batch_patches == 512
+    assert "max_batch_tokens is now max_batch_patches" in caplog.text
+    with pytest.raises(ValueError, match="give max_batch_patches only"):
+        VllmOptions.from_manager_config({"max_batch_tokens": 512, "max_batch_patches": 256})

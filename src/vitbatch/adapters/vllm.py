@@ -3,7 +3,7 @@
 Enable with ``--ec-manager-config`` (or ``LLM(ec_manager_config=...)``)::
 
     {"encoder_cache_manager_cls": "vitbatch.adapters.vllm.VitBatchEncoderCacheManager",
-     "manager_config": {"max_batch_tokens": 16384, "host_cache_bytes": 1073741824}}
+     "manager_config": {"max_batch_patches": 16384, "host_cache_bytes": 1073741824}}
 
 Two halves, joined by the per-step metadata vLLM already carries from the
 scheduler to the workers (``SchedulerOutput.ec_manager_metadata``):
@@ -49,7 +49,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vitbatch.core import Budget, EmbeddingCache, Item, Span, StepStats, VitBatcher
+from vitbatch.core import Budget, EmbeddingCache, Item, Span, Totals, VitBatcher
+from vitbatch.metrics import export_batcher
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -73,7 +74,7 @@ MANAGER_QUALNAME = f"{__name__}.{MANAGER_CLASS_NAME}"
 class VllmOptions:
     """What ``manager_config`` may set.
 
-    :param max_batch_tokens: encoder cost units (patches before merging for the
+    :param max_batch_patches: encoder cost units (patches before merging for the
         Qwen-VL family, embedding rows otherwise) in one encoder call; ``None``
         for no limit. vLLM natively encodes all of a step's images of one
         modality in one call; this bounds the call's activation memory.
@@ -83,7 +84,7 @@ class VllmOptions:
         ``host_cache_bytes``; the scheduler counts rows, like vLLM's cache).
     """
 
-    max_batch_tokens: int | None = 16384
+    max_batch_patches: int | None = 16384
     max_batch_items: int | None = 64
     host_cache_bytes: int = 1 << 30
     host_cache_embeds: int | None = None
@@ -92,6 +93,13 @@ class VllmOptions:
     def from_manager_config(cls, config: Mapping[str, Any] | None) -> VllmOptions:
         """Parse ``manager_config``; an unknown key or a bad value is a clear error."""
         config = dict(config or {})
+        if "max_batch_tokens" in config:  # the name before 0.2; same unit (patches)
+            if "max_batch_patches" in config:
+                raise ValueError(
+                    "vitbatch: give max_batch_patches only (max_batch_tokens is its old name)"
+                )
+            logger.warning("vitbatch: manager_config max_batch_tokens is now max_batch_patches")
+            config["max_batch_patches"] = config.pop("max_batch_tokens")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(config) - known)
         if unknown:
@@ -100,14 +108,14 @@ class VllmOptions:
                 f"expected some of {sorted(known)}"
             )
         options = cls(**config)
-        Budget(options.max_batch_tokens, options.max_batch_items)  # validates
+        Budget(options.max_batch_patches, options.max_batch_items)  # validates
         if options.host_cache_bytes < 0 or (options.host_cache_embeds or 0) < 0:
             raise ValueError("vitbatch: host_cache_bytes / host_cache_embeds must be >= 0")
         return options
 
     @property
     def budget(self) -> Budget:
-        return Budget(self.max_batch_tokens, self.max_batch_items)
+        return Budget(self.max_batch_patches, self.max_batch_items)
 
     def host_capacity_embeds(self, bytes_per_embed: int) -> int:
         """The host tier's bound in embedding rows."""
@@ -139,7 +147,7 @@ class VitBatchStepMetadata:
     demote: tuple[str, ...] = ()
     drop: tuple[str, ...] = ()
     reset: bool = False
-    max_batch_tokens: int | None = 16384
+    max_batch_patches: int | None = 16384
     max_batch_items: int | None = 64
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -404,7 +412,7 @@ def _manager_methods(base: type) -> dict[str, Any]:
             demote=tuple(self._demote),
             drop=tuple(self._drop),
             reset=self._reset,
-            max_batch_tokens=self.options.max_batch_tokens,
+            max_batch_patches=self.options.max_batch_patches,
             max_batch_items=self.options.max_batch_items,
         )
         self._restore, self._demote, self._drop = [], [], []
@@ -481,13 +489,21 @@ class _Payload:
 class _WorkerState:
     """vitbatch's state on one model runner: the batcher, the host tier, counters."""
 
-    def __init__(self, metadata: VitBatchStepMetadata) -> None:
+    def __init__(
+        self,
+        metadata: VitBatchStepMetadata,
+        hidden_size: int | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
+        labels = labels or {}
         # The device cache is vLLM's (runner.encoder_cache, governed by the
         # scheduler); the core's own cache stays empty (items are not cacheable).
         self.batcher = VitBatcher(
-            budget=Budget(metadata.max_batch_tokens, metadata.max_batch_items),
+            budget=Budget(metadata.max_batch_patches, metadata.max_batch_items),
             cache=EmbeddingCache(0),
+            hidden_size=hidden_size,
         )
+        export_batcher(self.batcher, labels)
         self.host: dict[str, torch.Tensor] = {}
         self.missing: set[str] = set()
         self.stats = WorkerStats()
@@ -499,7 +515,7 @@ class _WorkerState:
         )
 
     def configure(self, metadata: VitBatchStepMetadata) -> None:
-        budget = Budget(metadata.max_batch_tokens, metadata.max_batch_items)
+        budget = Budget(metadata.max_batch_patches, metadata.max_batch_items)
         if budget != self.batcher.budget:
             self.batcher.budget = budget
 
@@ -518,10 +534,35 @@ def _worker_state(runner: Any, metadata: VitBatchStepMetadata) -> _WorkerState:
         with _state_lock:
             state = getattr(runner, "_vitbatch_state", None)
             if state is None:
-                state = _WorkerState(metadata)
+                state = _WorkerState(metadata, _expected_hidden_size(runner), _metric_labels(runner))
                 runner._vitbatch_state = state
     state.configure(metadata)
     return state
+
+
+def _expected_hidden_size(runner: Any) -> int | None:
+    """The LLM's hidden size: the width of every multimodal embedding vLLM merges."""
+    try:
+        width = runner.model_config.get_hidden_size()
+    except Exception:  # noqa: BLE001 - unknown: the core learns it, carefully
+        return None
+    return width if isinstance(width, int) and width > 0 else None
+
+
+def _metric_labels(runner: Any) -> dict[str, str]:
+    """Prometheus labels like vLLM's own (``model_name``) plus the worker's TP rank."""
+    labels: dict[str, str] = {}
+    try:
+        labels["model_name"] = str(runner.model_config.served_model_name)
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        labels["tp_rank"] = str(get_tensor_model_parallel_rank())
+    except Exception:  # noqa: BLE001
+        pass
+    return labels
 
 
 def _apply_tier_moves(
@@ -714,6 +755,7 @@ def _patched_process(original):
             _apply_tier_moves(self, state, scheduler_output, metadata)
         except Exception:  # noqa: BLE001 - any failure: fall back to vLLM, keep serving
             state.stats.fallbacks += 1
+            state.batcher.note_fallback("error")
             state.log_once(
                 "tiers", "vitbatch: host-tier update failed; freeing as vLLM does", exc_info=True
             )
@@ -744,11 +786,13 @@ def _patched_execute(original):
                 return _encode_step(self, state, scheduler_output, scheduled)
             state.stats.native_steps += 1
             state.stats.native_reasons[reason] = state.stats.native_reasons.get(reason, 0) + 1
+            state.batcher.note_fallback("unsupported")
             state.log_once(
                 "native:" + reason, "vitbatch: %s - these steps run vLLM's own encoder path", reason
             )
         except Exception:  # noqa: BLE001 - any failure: fall back to vLLM, keep serving
             state.stats.fallbacks += 1
+            state.batcher.note_fallback("error")
             state.log_once(
                 "encode",
                 "vitbatch: encoding failed; running vLLM's native encoder path for this step",
@@ -821,15 +865,15 @@ def register() -> None:
 def stats() -> dict[str, Any]:
     """This process's vitbatch counters: scheduler manager(s) and model runner(s).
 
-    ``worker.batcher`` is the core's :class:`StepStats` summed over the
-    runners (encoder calls, items, tokens per call, deduplicated...).
+    ``worker.batcher`` is the core's :class:`~vitbatch.core.stats.Totals` summed
+    over the runners (encoder calls, items, cost-per-call histogram...).
     """
     scheduler = SchedulerStats()
     for manager in list(_managers):
         for f in fields(SchedulerStats):
             setattr(scheduler, f.name, getattr(scheduler, f.name) + getattr(manager.stats, f.name))
     worker = WorkerStats()
-    batcher = StepStats()
+    batcher = Totals()
     for state in list(_worker_states):
         for f in fields(WorkerStats):
             mine = getattr(worker, f.name)
@@ -839,9 +883,9 @@ def stats() -> dict[str, Any]:
                     mine[key] = mine.get(key, 0) + value
             else:
                 setattr(worker, f.name, mine + theirs)
-        batcher.add(state.batcher.totals)
+        batcher.merge(state.batcher.totals)
     host_entries = sum(len(state.host) for state in list(_worker_states))
     return {
         "scheduler": asdict(scheduler),
-        "worker": {**asdict(worker), "host_entries": host_entries, "batcher": asdict(batcher)},
+        "worker": {**asdict(worker), "host_entries": host_entries, "batcher": batcher.as_dict()},
     }

@@ -95,7 +95,7 @@ class VitBatcher:
     def set_hidden_size(self, hidden_size: int | Mapping[str, int] | None) -> None:
         """Set the engine's embedding width (see the class parameter), e.g. once the
         adapter first sees the engine's model. Widths learned so far are dropped."""
-        if isinstance(hidden_size, int):
+        if hidden_size is not None and not isinstance(hidden_size, Mapping):
             _check_width("hidden_size", hidden_size)
             self._default_width, self._widths = hidden_size, {}
         else:
