@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import nox
 
-nox.options.sessions = ["core", "sglang", "vllm"]
+nox.options.sessions = ["lint", "core", "sglang", "vllm"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -48,14 +48,24 @@ def _environment(session: nox.Session, engine: str) -> Iterator[None]:
     finally:
         if not KEEP_ENVS:
             shutil.rmtree(session.virtualenv.location, ignore_errors=True)
-            session.log(f"removed {session.virtualenv.location} (VITBATCH_KEEP_NOX_ENVS=1 keeps it)")
+            session.log(
+                f"removed {session.virtualenv.location} (VITBATCH_KEEP_NOX_ENVS=1 keeps it)"
+            )
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff: lint rules and formatting (config in pyproject.toml); no environment to build."""
+    session.install("ruff==0.17.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
 
 
 @nox.session(python=PYTHON)
 def core(session: nox.Session) -> None:
-    """Core, plugin layer, bench and example plugin (torch CPU only)."""
+    """Core, plugin layer, bench, example plugin, soak (torch CPU only); tests/gpu skips here."""
     with _environment(session, "core"):
-        session.run("python", "-m", "pytest", "tests/core", *session.posargs)
+        session.run("python", "-m", "pytest", "tests/core", "tests/gpu", *session.posargs)
 
 
 @nox.session(python=PYTHON)

@@ -32,7 +32,12 @@ def collect_info() -> dict:
         installed = importlib.util.find_spec(name) is not None
         version = (_version(name) or _version(f"{name}-cpu")) if installed else None
         hooked = any(ep.value.startswith("vitbatch.") for ep in metadata.entry_points(group=group))
-        engines[name] = {"installed": installed, "version": version, "entry_point": hooked, "group": group}
+        engines[name] = {
+            "installed": installed,
+            "version": version,
+            "entry_point": hooked,
+            "group": group,
+        }
     pm = make_plugin_manager()
     hooks = {}
     for hook_name in sorted(name for name in dir(pm.hook) if name.startswith("vitbatch_")):
@@ -44,7 +49,9 @@ def collect_info() -> dict:
         plugins.append(
             {
                 "name": name,
-                "distribution": dist.project_name if hasattr(dist, "project_name") else dist.metadata["name"],
+                "distribution": dist.project_name
+                if hasattr(dist, "project_name")
+                else dist.metadata["name"],
                 "version": dist.version,
                 "hooks": sorted(c.name for c in pm.get_hookcallers(plugin) or []),
             }
@@ -62,16 +69,27 @@ def collect_info() -> dict:
 
 def print_info() -> None:
     info = collect_info()
-    print(f"vitbatch {info['vitbatch']}  torch {info['torch']}  device {info['cuda'] or 'cpu only'}")
+    print(
+        f"vitbatch {info['vitbatch']}  torch {info['torch']}  device {info['cuda'] or 'cpu only'}"
+    )
     for name, engine in info["engines"].items():
         state = f"{engine['version']}" if engine["installed"] else "not installed"
         hook = "entry point registered" if engine["entry_point"] else "no entry point"
         print(f"engine {name}: {state} ({engine['group']}: {hook})")
     allow = info["allowlist"]
-    print(f"{ALLOWLIST_ENV}: " + ("unset (all plugins load)" if allow is None else ",".join(allow) or "(none)"))
-    print(f"plugins from entry-point group '{ENTRY_POINT_GROUP}':" + ("" if info["plugins"] else " none"))
+    print(
+        f"{ALLOWLIST_ENV}: "
+        + ("unset (all plugins load)" if allow is None else ",".join(allow) or "(none)")
+    )
+    print(
+        f"plugins from entry-point group '{ENTRY_POINT_GROUP}':"
+        + ("" if info["plugins"] else " none")
+    )
     for plugin in info["plugins"]:
-        print(f"  {plugin['name']} ({plugin['distribution']} {plugin['version']}): {', '.join(plugin['hooks'])}")
+        print(
+            f"  {plugin['name']} ({plugin['distribution']} {plugin['version']}): "
+            f"{', '.join(plugin['hooks'])}"
+        )
     print("hook implementations, in calling order:")
     for hook, impls in info["hooks"].items():
         print(f"  {hook}: {', '.join(impls)}")

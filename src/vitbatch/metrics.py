@@ -36,7 +36,7 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "vitbatch_cache_misses": ("Distinct items that had to be encoded", "misses"),
     "vitbatch_deduplicated": ("Items encoded once for several requests of a step", "deduplicated"),
     "vitbatch_oom_splits": ("Encoder calls split in half after a device OOM", "oom_splits"),
-    "vitbatch_d2h_copies_avoided": ("Feature releases that needed no GPU-to-CPU copy", "d2h_copies_avoided"),
+    "vitbatch_d2h_copies_avoided": ("Releases needing no GPU-to-CPU copy", "d2h_copies_avoided"),
     "vitbatch_d2h_bytes_avoided": ("Bytes of GPU-to-CPU copies avoided", "d2h_bytes_avoided"),
 }  # fmt: skip
 
@@ -93,7 +93,9 @@ class PrometheusObserver:
         values = [str(labels.get(name, "")) for name in LABELS]
         unknown = sorted(set(labels) - set(LABELS))
         if unknown:
-            raise ValueError(f"vitbatch metrics: unknown label(s) {unknown}; expected some of {LABELS}")
+            raise ValueError(
+                f"vitbatch metrics: unknown label(s) {unknown}; expected some of {LABELS}"
+            )
         self._labels = values
         self._families = families
         self._counters = [

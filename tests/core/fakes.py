@@ -59,7 +59,9 @@ class ConcatEncoder:
         lengths = torch.tensor([item.num_tokens for item in items])
         segment = torch.repeat_interleave(torch.arange(len(items)), lengths)
         projected = torch.tanh(features @ _WEIGHT)
-        sums = torch.zeros(len(items), HIDDEN, dtype=projected.dtype).index_add_(0, segment, projected)
+        sums = torch.zeros(len(items), HIDDEN, dtype=projected.dtype).index_add_(
+            0, segment, projected
+        )
         means = sums / lengths.unsqueeze(1).to(projected.dtype)
         return projected + means[segment]
 

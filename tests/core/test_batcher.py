@@ -165,7 +165,9 @@ def test_stats_count_hits_dedup_and_calls() -> None:
     first = batcher.run_step(two_requests())
     assert first.stats.misses == 3 and first.stats.hits == 0
     assert first.stats.encoder_calls == 2 and first.stats.tokens_per_call == [7, 5]
-    again = two_requests() + [RequestChunk([make_item(1, 4, [(0, 4)]), make_item(9, 2, [(5, 2)])], Window(0, 7))]
+    again = two_requests() + [
+        RequestChunk([make_item(1, 4, [(0, 4)]), make_item(9, 2, [(5, 2)])], Window(0, 7))
+    ]
     second = batcher.run_step(again)
     assert second.stats.hits == 3 and second.stats.deduplicated == 1 and second.stats.misses == 1
     assert batcher.totals.encoder_calls == 3 and batcher.totals.items == 3 + 5

@@ -22,7 +22,17 @@ def test_bench_modes_agree_and_vitbatch_batches(tmp_path, capsys) -> None:
     assert report["outputs_equal"] is True
     modes = {m["mode"]: m for m in report["results"]}
     assert set(modes) == {"per-request", "unbounded", "vitbatch"}
-    steps = len(chunked_steps(draw_requests(WORKLOADS["default"].__class__(**{**WORKLOADS["default"].__dict__, "requests": 6}), patch_size=14, merge_size=2, patch_dim=1176), WORKLOADS["default"].chunk_tokens))
+    steps = len(
+        chunked_steps(
+            draw_requests(
+                WORKLOADS["default"].__class__(**{**WORKLOADS["default"].__dict__, "requests": 6}),
+                patch_size=14,
+                merge_size=2,
+                patch_dim=1176,
+            ),
+            WORKLOADS["default"].chunk_tokens,
+        )
+    )
     # One call per step at most when unbounded; per-request makes more; all encode the same tokens.
     assert modes["unbounded"]["encoder_calls"] <= steps
     assert modes["per-request"]["encoder_calls"] > modes["unbounded"]["encoder_calls"]
@@ -36,12 +46,31 @@ def test_bench_modes_agree_and_vitbatch_batches(tmp_path, capsys) -> None:
 def test_bench_plot_writes_png(tmp_path) -> None:
     pytest.importorskip("matplotlib")
     png = tmp_path / "bench.png"
-    assert main(["bench", "--requests", "3", "--no-progress", "--plot", str(png), "--modes", "unbounded", "vitbatch", "--repeat", "1"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--requests",
+                "3",
+                "--no-progress",
+                "--plot",
+                str(png),
+                "--modes",
+                "unbounded",
+                "vitbatch",
+                "--repeat",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_info_command_runs() -> None:
-    done = subprocess.run([sys.executable, "-m", "vitbatch", "info"], capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "vitbatch", "info"], capture_output=True, text=True, check=True
+    )
     assert "vitbatch_encode_batch" in done.stdout and "engine sglang" in done.stdout
 
 

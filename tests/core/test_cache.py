@@ -49,14 +49,20 @@ def test_host_tier_keeps_evicted_entries_and_brings_them_back() -> None:
     back = cache.get(ItemKey(0, 2))
     torch.testing.assert_close(back, t(2, 0))
     assert cache.stats.host_hits == 1
-    assert cache.used_bytes <= cache.capacity_bytes and cache.host_used_bytes <= cache.host_capacity_bytes
+    assert (
+        cache.used_bytes <= cache.capacity_bytes
+        and cache.host_used_bytes <= cache.host_capacity_bytes
+    )
 
 
 @settings(max_examples=300, deadline=None)
 @given(
     capacity=st.integers(0, 400),
     host=st.integers(0, 400),
-    ops=st.lists(st.tuples(st.sampled_from(["put", "get", "hold"]), st.integers(0, 8), st.integers(1, 6)), max_size=60),
+    ops=st.lists(
+        st.tuples(st.sampled_from(["put", "get", "hold"]), st.integers(0, 8), st.integers(1, 6)),
+        max_size=60,
+    ),
 )
 def test_cache_never_exceeds_bounds_and_returns_what_was_stored(capacity, host, ops) -> None:
     cache = EmbeddingCache(capacity, host_capacity_bytes=host)

@@ -18,7 +18,8 @@ from vitbatch.info import collect_info
 from vitbatch.plugin import make_plugin_manager
 
 plugin_module = pytest.importorskip(
-    "vitbatch_embedding_store.plugin", reason="pip install examples/vitbatch-embedding-store (ci/install-core.sh does)"
+    "vitbatch_embedding_store.plugin",
+    reason="pip install examples/vitbatch-embedding-store (ci/install-core.sh does)",
 )
 from vitbatch_embedding_store import STORE_ENV, EmbeddingStore  # noqa: E402
 
@@ -69,7 +70,9 @@ def test_stored_items_skip_the_engine_and_one_call_serves_all_requests(store) ->
     assert calls == [[2, 4]]  # only the items missing from the store reach the engine
     assert plugin_module.STATS == {"served": 2, "delegated": 2, "declined": 0}
     torch.testing.assert_close(result.embeddings[0][:4], stored_value)
-    torch.testing.assert_close(result.embeddings[0][4:], encode_one(three_requests()[0].items[1].features))
+    torch.testing.assert_close(
+        result.embeddings[0][4:], encode_one(three_requests()[0].items[1].features)
+    )
 
 
 def test_declining_falls_through_to_the_default(store) -> None:
@@ -77,7 +80,9 @@ def test_declining_falls_through_to_the_default(store) -> None:
     result = VitBatcher(Budget()).run_step(three_requests(), engine_encoder_recording(calls))
     assert calls == [[1, 2, 3, 4]]
     assert plugin_module.STATS["declined"] == 4 and plugin_module.STATS["served"] == 0
-    torch.testing.assert_close(result.embeddings[2], encode_one(three_requests()[2].items[0].features))
+    torch.testing.assert_close(
+        result.embeddings[2], encode_one(three_requests()[2].items[0].features)
+    )
 
 
 def test_allowlist_excludes_the_plugin(store, monkeypatch) -> None:
@@ -86,7 +91,9 @@ def test_allowlist_excludes_the_plugin(store, monkeypatch) -> None:
     pm = make_plugin_manager()
     assert pm.get_plugin("embedding-store") is None
     calls = []
-    VitBatcher(Budget(), plugin_manager=pm).run_step(three_requests(), engine_encoder_recording(calls))
+    VitBatcher(Budget(), plugin_manager=pm).run_step(
+        three_requests(), engine_encoder_recording(calls)
+    )
     assert calls == [[1, 2, 3, 4]]
 
 

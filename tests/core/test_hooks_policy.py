@@ -10,7 +10,9 @@ import pytest
 from vitbatch.plugin import hookspecs, make_plugin_manager
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "custom-encoders.md"
-HOOKS = sorted(name for name in dir(make_plugin_manager(False).hook) if name.startswith("vitbatch_"))
+HOOKS = sorted(
+    name for name in dir(make_plugin_manager(False).hook) if name.startswith("vitbatch_")
+)
 
 
 def test_hook_set_is_what_the_docs_promise() -> None:
@@ -30,5 +32,9 @@ def test_hook_is_documented_with_its_arguments(hook: str) -> None:
 
 @pytest.mark.parametrize("hook", HOOKS)
 def test_hook_has_behaviour_tests(hook: str) -> None:
-    tests = "".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py") if p.name != Path(__file__).name)
+    tests = "".join(
+        p.read_text()
+        for p in Path(__file__).parent.glob("test_*.py")
+        if p.name != Path(__file__).name
+    )
     assert f"def {hook}(" in tests, f"no test implements {hook}"

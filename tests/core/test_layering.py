@@ -90,7 +90,9 @@ def test_call_first_result_names_the_answering_plugin() -> None:
 
 
 def test_call_first_result_wraps_plugin_errors_and_passes_ours_through() -> None:
-    with pytest.raises(PluginCallError, match=r"plugin 'bad' raised KeyError in hook for items \[1\]"):
+    with pytest.raises(
+        PluginCallError, match=r"plugin 'bad' raised KeyError in hook for items \[1\]"
+    ):
         call_first_result(manager(("bad", Raises(KeyError("k")))).hook.hook, "items [1]", x=1)
     for error in (OutOfMemoryError("oom"), VitBatchError("ours")):
         with pytest.raises(type(error)):

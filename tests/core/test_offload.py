@@ -89,9 +89,11 @@ def test_pinned_twin_is_returned_and_never_pinned_twice() -> None:
 
     offload = HostReferenceOffload(pin=True)
     host = torch.randn(6, 4)
-    with mock.patch.object(torch.Tensor, "pin_memory", fake_pin), mock.patch.object(
-        torch.Tensor, "is_pinned", lambda self: any(self is p for p in pinned)
-    ), mock.patch("vitbatch.core.offload._pin_target", lambda device: True):
+    with (
+        mock.patch.object(torch.Tensor, "pin_memory", fake_pin),
+        mock.patch.object(torch.Tensor, "is_pinned", lambda self: any(self is p for p in pinned)),
+        mock.patch("vitbatch.core.offload._pin_target", lambda device: True),
+    ):
         first = offload.release(offload.to_device(host, "meta"))
         second = offload.release(offload.to_device(first, "meta"))
     assert len(pinned) == 1 and first is pinned[0] and second is first

@@ -11,8 +11,12 @@ from vitbatch.core import Budget, RequestChunk, Window, plan_step, split_into_ba
 
 def test_plan_is_deterministic_and_groups_by_modality_then_group() -> None:
     chunks = [
-        RequestChunk([make_item(1, 4, [(0, 4)]), make_item(2, 2, [(5, 2)], modality="audio")], Window(0, 9)),
-        RequestChunk([make_item(3, 4, [(0, 4)], group="hi-res"), make_item(4, 4, [(4, 4)])], Window(0, 9)),
+        RequestChunk(
+            [make_item(1, 4, [(0, 4)]), make_item(2, 2, [(5, 2)], modality="audio")], Window(0, 9)
+        ),
+        RequestChunk(
+            [make_item(3, 4, [(0, 4)], group="hi-res"), make_item(4, 4, [(4, 4)])], Window(0, 9)
+        ),
     ]
     plans = [plan_step(chunks, lambda key: False, Budget()) for _ in range(3)]
     assert all(p == plans[0] for p in plans)
@@ -21,7 +25,9 @@ def test_plan_is_deterministic_and_groups_by_modality_then_group() -> None:
 
 
 def test_items_outside_window_are_not_planned() -> None:
-    chunk = RequestChunk([make_item(1, 4, [(0, 4)]), make_item(2, 4, [(10, 2), (20, 2)])], Window(4, 20))
+    chunk = RequestChunk(
+        [make_item(1, 4, [(0, 4)]), make_item(2, 4, [(10, 2), (20, 2)])], Window(4, 20)
+    )
     plan = plan_step([chunk], lambda key: False, Budget())
     assert [i.hash for i in plan.needed[0]] == [2]
 
@@ -30,7 +36,9 @@ def test_oversized_item_goes_alone_and_splits_are_balanced() -> None:
     items = [make_item(h, n, [(0, n)]) for h, n in enumerate([3, 3, 3, 3, 20, 3])]
     batches = split_into_batches(items, Budget(max_cost=10, max_items=None))
     assert [[i.hash for i in b] for b in batches] == [[0, 1, 2], [3], [4], [5]]
-    balanced = split_into_batches([make_item(h, 3, [(0, 3)]) for h in range(5)], Budget(max_cost=12))
+    balanced = split_into_batches(
+        [make_item(h, 3, [(0, 3)]) for h in range(5)], Budget(max_cost=12)
+    )
     assert [len(b) for b in balanced] == [3, 2]
 
 
@@ -64,13 +72,17 @@ from vitbatch.core import Budget, EmbeddingCache, Item, RequestChunk, Span, VitB
 from vitbatch.plugin import make_plugin_manager
 
 def item(name, n, offset):
-    return Item(name, "image", n, (Span(offset, n),), features=torch.ones(n, 3, dtype=torch.float64))
+    features = torch.ones(n, 3, dtype=torch.float64)
+    return Item(name, "image", n, (Span(offset, n),), features=features)
 
 encoder = ConcatEncoder()
-batcher = VitBatcher(Budget(max_cost=7), EmbeddingCache(5 * 2 * 6 * 8), make_plugin_manager(False, [encoder]), hidden_size=6)
+pm = make_plugin_manager(False, [encoder])
+batcher = VitBatcher(Budget(max_cost=7), EmbeddingCache(5 * 2 * 6 * 8), pm, hidden_size=6)
 names = [f"img-{i}" for i in range(7)]
 for step in range(6):
-    chunks = [RequestChunk([item(names[(step * 2 + r * 2 + k) % 7], 2, 4 * k) for k in range(2)], Window(0, 12), r)
+    chunks = [
+        RequestChunk([item(names[(step * 2 + r * 2 + k) % 7], 2, 4 * k) for k in range(2)],
+                     Window(0, 12), r)
               for r in range(3)]
     encoder.calls.clear()
     plan = batcher.plan(chunks)
@@ -90,7 +102,9 @@ def test_plan_and_cache_evolve_identically_under_any_hash_seed() -> None:
     outputs = []
     for seed in ("1", "2", "3"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
-        done = subprocess.run([sys.executable, "-c", _RANK_SCRIPT], cwd=root, env=env, capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-c", _RANK_SCRIPT], cwd=root, env=env, capture_output=True, text=True
+        )
         assert done.returncode == 0, done.stderr
         outputs.append(done.stdout)
     assert outputs[0] == outputs[1] == outputs[2]

@@ -28,7 +28,17 @@ def requests(draw: st.DrawFn) -> tuple[list[Item], int]:
         hash_ = draw(st.integers(0, 5))  # small pool: duplicates across requests
         num_tokens = draw(st.sampled_from([1, 2, 3, 5, 8, 13]))
         n_spans = draw(st.integers(1, min(3, num_tokens)))
-        cuts = sorted(draw(st.sets(st.integers(1, num_tokens - 1), min_size=n_spans - 1, max_size=n_spans - 1))) if n_spans > 1 else []
+        cuts = (
+            sorted(
+                draw(
+                    st.sets(
+                        st.integers(1, num_tokens - 1), min_size=n_spans - 1, max_size=n_spans - 1
+                    )
+                )
+            )
+            if n_spans > 1
+            else []
+        )
         lengths = [b - a for a, b in zip([0, *cuts], [*cuts, num_tokens])]
         spans = []
         for length in lengths:

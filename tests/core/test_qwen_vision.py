@@ -7,11 +7,21 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vitbatch.encoders.qwen_vision import CONFIGS, QwenVisionEncoder, build_encoder, image_grid, load_transformers_state_dict
+from vitbatch.encoders.qwen_vision import (
+    CONFIGS,
+    QwenVisionEncoder,
+    build_encoder,
+    image_grid,
+    load_transformers_state_dict,
+)
 
 CONFIG = CONFIGS["tiny"]
 grids = st.lists(
-    st.tuples(st.integers(1, 2), st.integers(1, 9).map(lambda n: 2 * n), st.integers(1, 9).map(lambda n: 2 * n)),
+    st.tuples(
+        st.integers(1, 2),
+        st.integers(1, 9).map(lambda n: 2 * n),
+        st.integers(1, 9).map(lambda n: 2 * n),
+    ),
     min_size=1,
     max_size=5,
 )
@@ -31,12 +41,16 @@ def model() -> QwenVisionEncoder:
 @settings(max_examples=40, deadline=None)
 @given(grids=grids)
 def test_images_never_attend_to_each_other(model, grids) -> None:
-    """Encoding images together equals encoding each alone (non-square, windows not dividing the grid)."""
+    """Encoding images together equals encoding each alone (non-square, windows not dividing
+    the grid)."""
     xs = pixels(grids)
     with torch.no_grad():
         together = model(torch.cat(xs), grids)
         alone = torch.cat([model(x, [g]) for x, g in zip(xs, grids)])
-    assert together.shape == (sum(CONFIG.tokens_for_grid(*g) for g in grids), CONFIG.out_hidden_size)
+    assert together.shape == (
+        sum(CONFIG.tokens_for_grid(*g) for g in grids),
+        CONFIG.out_hidden_size,
+    )
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
 
 

@@ -15,17 +15,25 @@ oracle (each item encoded alone, rows picked position by position):
 
 from __future__ import annotations
 
-import random
-import sys
 import gc
 import os
+import random
+import sys
 from collections.abc import Sequence
 
 import torch
 
 from tests.core.fakes import HIDDEN, encode_one, features_for
 from vitbatch import hookimpl
-from vitbatch.core import EmbeddingCache, EncoderOutputError, Item, RequestChunk, Span, VitBatcher, Window
+from vitbatch.core import (
+    EmbeddingCache,
+    EncoderOutputError,
+    Item,
+    RequestChunk,
+    Span,
+    VitBatcher,
+    Window,
+)
 from vitbatch.core.errors import OutOfMemoryError
 from vitbatch.core.planner import Budget
 from vitbatch.plugin import make_plugin_manager

@@ -56,7 +56,12 @@ def test_totals_fold_steps_fallbacks_and_merge() -> None:
     b.note_fallback("error")
     b.note_fallback("unsupported")
     a.merge(b)
-    assert a.steps == 2 and a.encoder_calls == 3 and a.encoded_cost == 5400 and a.encoded_tokens == 1350
+    assert (
+        a.steps == 2
+        and a.encoder_calls == 3
+        and a.encoded_cost == 5400
+        and a.encoded_tokens == 1350
+    )
     assert a.fallbacks == {"error": 2, "unsupported": 1}
     assert a.cost_per_call.count == 3 and a.cost_per_call.total == 5400
     plain = a.as_dict()

@@ -22,7 +22,9 @@ from vitbatch.adapters import sglang as adapter  # noqa: E402
 
 HIDDEN = 8
 FEATURE_DIM = 4
-_WEIGHT = torch.linspace(-1, 1, FEATURE_DIM * HIDDEN, dtype=torch.float64).reshape(FEATURE_DIM, HIDDEN)
+_WEIGHT = torch.linspace(-1, 1, FEATURE_DIM * HIDDEN, dtype=torch.float64).reshape(
+    FEATURE_DIM, HIDDEN
+)
 
 
 def features_for(hash_: int, tokens: int) -> torch.Tensor:
@@ -41,7 +43,11 @@ class ItemSpec:
         return sum(end - start + 1 for start, end in self.runs)
 
     def build(self) -> MultimodalDataItem:
-        item = MultimodalDataItem(modality=self.modality, offsets=list(self.runs), feature=features_for(self.hash, self.tokens))
+        item = MultimodalDataItem(
+            modality=self.modality,
+            offsets=list(self.runs),
+            feature=features_for(self.hash, self.tokens),
+        )
         item.set_hash(self.hash)
         return item
 
@@ -73,10 +79,14 @@ def build_step(requests: Sequence[RequestSpec], device: str = "cpu") -> StepInpu
     ids: list[int] = []
     for request in requests:
         built = [spec.build() for spec in request.items]
-        tokens = [5 + (position % 50) for position in range(request.length)]  # text ids, far from pad values
+        tokens = [
+            5 + (position % 50) for position in range(request.length)
+        ]  # text ids, far from pad values
         for item in built:
             for start, end in item.offsets:
-                for position, value in zip(range(start, end + 1), item.padding_sequence(end - start + 1)):
+                for position, value in zip(
+                    range(start, end + 1), item.padding_sequence(end - start + 1)
+                ):
                     tokens[position] = value
         ids.extend(tokens[request.prefix : request.prefix + request.extend])
         items.extend(built)
@@ -165,7 +175,9 @@ def native_and_plugin():
     from sglang.srt.plugins.hook_registry import HookRegistry
 
     original = mm_schedule._get_chunked_prefill_embedding
-    original = getattr(original, "__wrapped__", original)  # never mistake a patched function for SGLang's
+    original = getattr(
+        original, "__wrapped__", original
+    )  # never mistake a patched function for SGLang's
     assert original.__globals__ is mm_schedule.__dict__
     saved_env = os.environ.get("VITBATCH_ENABLE")
     os.environ["VITBATCH_ENABLE"] = "1"

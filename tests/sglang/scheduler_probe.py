@@ -42,7 +42,10 @@ def launcher(argv: list[str]) -> dict:
     process.start()
     child = queue.get(timeout=300)
     process.join(timeout=60)
-    return {"launcher_patched": hasattr(mm_schedule._get_chunked_prefill_embedding, "__wrapped__"), "scheduler": child}
+    return {
+        "launcher_patched": hasattr(mm_schedule._get_chunked_prefill_embedding, "__wrapped__"),
+        "scheduler": child,
+    }
 
 
 if __name__ == "__main__":

@@ -14,7 +14,13 @@ import random
 import pytest
 import torch
 
-from tests.sglang.conftest import FakeEncoder, build_step, mm_schedule, random_requests, run_get_embedding_and_mask
+from tests.sglang.conftest import (
+    FakeEncoder,
+    build_step,
+    mm_schedule,
+    random_requests,
+    run_get_embedding_and_mask,
+)
 from vitbatch.adapters import sglang as adapter
 
 STEPS = {"count": 0, "vitbatch_requests": 0}
@@ -38,7 +44,9 @@ def run_sequence(sequence, encoder, patched_fn, settings=None):
 
 
 def assert_same(native_outputs, plugin_outputs):
-    for (n_emb, n_mask, n_ids), (p_emb, p_mask, p_ids) in zip(native_outputs, plugin_outputs, strict=True):
+    for (n_emb, n_mask, n_ids), (p_emb, p_mask, p_ids) in zip(
+        native_outputs, plugin_outputs, strict=True
+    ):
         assert (n_emb is None) == (p_emb is None)
         if n_emb is not None:
             assert n_emb.shape == p_emb.shape
@@ -88,7 +96,9 @@ def test_plugin_equals_sglang_and_respects_budget(native_and_plugin, seed) -> No
 
     native = run_sequence(sequence, FakeEncoder(), original)
     plugin_encoder = FakeEncoder(per_item_list=bool(seed % 2))
-    settings = adapter.Settings(enabled=True, max_patches=max_patches, max_items=max_items, cache_mb=1)
+    settings = adapter.Settings(
+        enabled=True, max_patches=max_patches, max_items=max_items, cache_mb=1
+    )
     plugin = run_sequence(sequence, plugin_encoder, patched, settings)
     STEPS["count"] += len(sequence)
 

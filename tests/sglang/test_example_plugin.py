@@ -13,7 +13,9 @@ from tests.sglang.conftest import FakeEncoder, ItemSpec, Modality, RequestSpec
 from tests.sglang.test_differential import assert_same, run_sequence
 from vitbatch.adapters import sglang as adapter
 
-store_plugin = pytest.importorskip("vitbatch_embedding_store.plugin", reason="ci/install-sglang.sh installs the example")
+store_plugin = pytest.importorskip(
+    "vitbatch_embedding_store.plugin", reason="ci/install-sglang.sh installs the example"
+)
 from vitbatch_embedding_store import STORE_ENV, EmbeddingStore  # noqa: E402
 
 
@@ -21,7 +23,12 @@ def test_stored_images_skip_sglangs_encoder(native_and_plugin, tmp_path, monkeyp
     original, patched = native_and_plugin
     image = Modality.IMAGE
     requests = [
-        RequestSpec([ItemSpec(21, image, [(1, 6)]), ItemSpec(22, image, [(9, 12)])], length=16, prefix=0, extend=16),
+        RequestSpec(
+            [ItemSpec(21, image, [(1, 6)]), ItemSpec(22, image, [(9, 12)])],
+            length=16,
+            prefix=0,
+            extend=16,
+        ),
         RequestSpec([ItemSpec(23, image, [(0, 8)])], length=12, prefix=0, extend=12),
         RequestSpec([ItemSpec(21, image, [(3, 8)])], length=10, prefix=2, extend=8),
     ]
@@ -41,8 +48,12 @@ def test_stored_images_skip_sglangs_encoder(native_and_plugin, tmp_path, monkeyp
     plugin = run_sequence([requests], sglang_encoder, patched, adapter.Settings(enabled=True))
 
     state = adapter.get_state()
-    assert state.batcher.plugin_manager.get_plugin("embedding-store") is store_plugin  # via the entry point
+    assert (
+        state.batcher.plugin_manager.get_plugin("embedding-store") is store_plugin
+    )  # via the entry point
     assert state.fallbacks == 0
     assert_same(native, plugin)
-    assert [[item.hash for item in call] for call in sglang_encoder.calls] == [[22]]  # one call, only the miss
+    assert [[item.hash for item in call] for call in sglang_encoder.calls] == [
+        [22]
+    ]  # one call, only the miss
     assert store_plugin.STATS == {"served": 2, "delegated": 1, "declined": 0}

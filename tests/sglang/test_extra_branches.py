@@ -22,9 +22,13 @@ from tests.sglang.test_differential import CACHE_BYTES, assert_same, run_sequenc
 from vitbatch.adapters import sglang as adapter
 
 
-@pytest.mark.parametrize("platform", ["_is_hip", "_is_xpu"])  # _is_npu: same branch, but get_embedding_and_mask then calls torch.npu
+@pytest.mark.parametrize(
+    "platform", ["_is_hip", "_is_xpu"]
+)  # _is_npu: same branch, but get_embedding_and_mask then calls torch.npu
 @pytest.mark.parametrize("seed", range(20))
-def test_plugin_equals_sglang_per_request_platform_branch(native_and_plugin, monkeypatch, platform, seed) -> None:
+def test_plugin_equals_sglang_per_request_platform_branch(
+    native_and_plugin, monkeypatch, platform, seed
+) -> None:
     """On HIP/NPU/XPU SGLang encodes per request (_get_chunked_embedding_by_item); the plugin
     intercepts on every platform and must still return the same tensors, in no more calls."""
     original, patched = native_and_plugin
@@ -34,7 +38,12 @@ def test_plugin_equals_sglang_per_request_platform_branch(native_and_plugin, mon
     native_encoder = FakeEncoder()
     native = run_sequence(sequence, native_encoder, original)
     plugin_encoder = FakeEncoder()
-    plugin = run_sequence(sequence, plugin_encoder, patched, adapter.Settings(enabled=True, max_patches=0, max_items=0, cache_mb=1))
+    plugin = run_sequence(
+        sequence,
+        plugin_encoder,
+        patched,
+        adapter.Settings(enabled=True, max_patches=0, max_items=0, cache_mb=1),
+    )
     assert adapter.get_state().fallbacks == 0
     assert_same(native, plugin)
     assert len(plugin_encoder.calls) <= len(native_encoder.calls)
@@ -42,7 +51,8 @@ def test_plugin_equals_sglang_per_request_platform_branch(native_and_plugin, mon
 
 @pytest.mark.parametrize("seed", range(20))
 def test_plugin_equals_sglang_with_sglang_cache_disabled(native_and_plugin, seed) -> None:
-    """SGLANG_VLM_CACHE_SIZE_MB=0 (deterministic inference, rl_on_policy_target, Qwen3-VL on Hopper)."""
+    """SGLANG_VLM_CACHE_SIZE_MB=0 (deterministic inference, rl_on_policy_target, Qwen3-VL on
+    Hopper)."""
     original, patched = native_and_plugin
     rng = random.Random(2000 + seed)
     sequence = [random_requests(rng) for _ in range(rng.randint(2, 4))]
@@ -70,7 +80,9 @@ def test_vitbatch_cache_follows_sglangs_reserved_size(native_and_plugin, monkeyp
     monkeypatch.setenv("SGLANG_VLM_CACHE_SIZE_MB", "0")
     mm_schedule.init_mm_embedding_cache(0)
     adapter.reset_state(adapter.Settings(enabled=True))
-    requests = [RequestSpec([ItemSpec(11, Modality.IMAGE, [(2, 9)])], length=12, prefix=0, extend=12)]
+    requests = [
+        RequestSpec([ItemSpec(11, Modality.IMAGE, [(2, 9)])], length=12, prefix=0, extend=12)
+    ]
     previous = mm_schedule._get_chunked_prefill_embedding
     try:
         mm_schedule._get_chunked_prefill_embedding = patched
@@ -82,8 +94,14 @@ def test_vitbatch_cache_follows_sglangs_reserved_size(native_and_plugin, monkeyp
     assert state.batcher.cache.capacity_bytes == 0
     assert state.batcher.cache.stats.stored == 0 and state.batcher.totals.encoder_calls == 1
     monkeypatch.setenv("SGLANG_VLM_CACHE_SIZE_MB", "100")
-    assert adapter.reset_state(adapter.Settings(enabled=True)).batcher.cache.capacity_bytes == 100 << 20
-    assert adapter.reset_state(adapter.Settings(enabled=True, cache_mb=7)).batcher.cache.capacity_bytes == 7 << 20
+    assert (
+        adapter.reset_state(adapter.Settings(enabled=True)).batcher.cache.capacity_bytes
+        == 100 << 20
+    )
+    assert (
+        adapter.reset_state(adapter.Settings(enabled=True, cache_mb=7)).batcher.cache.capacity_bytes
+        == 7 << 20
+    )
 
 
 def test_items_listed_out_of_position_order(native_and_plugin) -> None:
@@ -91,7 +109,14 @@ def test_items_listed_out_of_position_order(native_and_plugin) -> None:
     positional assembly would differ, so the adapter must defer to SGLang (and stay equal)."""
     original, patched = native_and_plugin
     image = Modality.IMAGE
-    requests = [RequestSpec([ItemSpec(21, image, [(10, 13)]), ItemSpec(22, image, [(2, 5)])], length=16, prefix=0, extend=16)]
+    requests = [
+        RequestSpec(
+            [ItemSpec(21, image, [(10, 13)]), ItemSpec(22, image, [(2, 5)])],
+            length=16,
+            prefix=0,
+            extend=16,
+        )
+    ]
     native = run_sequence([requests], FakeEncoder(), original)
     plugin = run_sequence([requests], FakeEncoder(), patched, adapter.Settings(enabled=True))
     assert_same(native, plugin)

@@ -17,7 +17,11 @@ MODEL_ARGS = ["--model-path", "/nonexistent/tiny-vlm", "--device", "cpu"]
 
 
 def run_launcher(args: list[str], **env: str) -> dict:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("VITBATCH_") and k != "SGLANG_PLUGINS"}
+    environment = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("VITBATCH_") and k != "SGLANG_PLUGINS"
+    }
     environment.update(env)
     environment["PYTHONPATH"] = str(ROOT)
     done = subprocess.run(
@@ -45,7 +49,15 @@ def test_entry_point_is_found_by_sglangs_loader() -> None:
 
 
 def test_flag_reaches_the_spawned_scheduler() -> None:
-    result = run_launcher(["--enable-vit-batching", "--vit-batch-max-patches", "2048", "--vit-batch-host-cache-mb", "64"])
+    result = run_launcher(
+        [
+            "--enable-vit-batching",
+            "--vit-batch-max-patches",
+            "2048",
+            "--vit-batch-host-cache-mb",
+            "64",
+        ]
+    )
     assert "error" not in result, result.get("error")
     assert result["launcher_patched"] is True
     assert result["scheduler"] == {
@@ -83,17 +95,34 @@ def test_help_lists_the_options() -> None:
         "from sglang.srt.server_args import prepare_server_args; prepare_server_args(['--help'])"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    for option in ("--enable-vit-batching", "--vit-batch-max-patches", "--vit-batch-max-items", "--vit-batch-host-cache-mb"):
+    for option in (
+        "--enable-vit-batching",
+        "--vit-batch-max-patches",
+        "--vit-batch-max-items",
+        "--vit-batch-host-cache-mb",
+    ):
         assert option in done.stdout
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--vit-batch-max-patches", "-5"], "--vit-batch-max-patches / VITBATCH_MAX_PATCHES must be an integer >= 0"),
-        (["--vit-batch-max-items", "-1"], "--vit-batch-max-items / VITBATCH_MAX_ITEMS must be an integer >= 0"),
-        (["--vit-batch-cache-mb", "-2"], "--vit-batch-cache-mb / VITBATCH_CACHE_MB must be an integer >= 0"),
-        (["--vit-batch-host-cache-mb", "-64"], "--vit-batch-host-cache-mb / VITBATCH_HOST_CACHE_MB"),
+        (
+            ["--vit-batch-max-patches", "-5"],
+            "--vit-batch-max-patches / VITBATCH_MAX_PATCHES must be an integer >= 0",
+        ),
+        (
+            ["--vit-batch-max-items", "-1"],
+            "--vit-batch-max-items / VITBATCH_MAX_ITEMS must be an integer >= 0",
+        ),
+        (
+            ["--vit-batch-cache-mb", "-2"],
+            "--vit-batch-cache-mb / VITBATCH_CACHE_MB must be an integer >= 0",
+        ),
+        (
+            ["--vit-batch-host-cache-mb", "-64"],
+            "--vit-batch-host-cache-mb / VITBATCH_HOST_CACHE_MB",
+        ),
         (["--vit-batch-max-tokens", "4096"], "was replaced by --vit-batch-max-patches"),
     ],
 )
@@ -105,4 +134,6 @@ def test_bad_values_stop_the_launch_naming_the_flag(args: list[str], message: st
 
 def test_bad_environment_value_stops_the_launch() -> None:
     result = run_launcher(["--enable-vit-batching"], VITBATCH_MAX_ITEMS="-3")
-    assert "--vit-batch-max-items / VITBATCH_MAX_ITEMS must be an integer >= 0" in result.get("error", "")
+    assert "--vit-batch-max-items / VITBATCH_MAX_ITEMS must be an integer >= 0" in result.get(
+        "error", ""
+    )

@@ -23,7 +23,9 @@ import os, random
 os.environ["VITBATCH_ENABLE"] = "1"
 from sglang.srt.managers import mm_schedule
 from sglang.srt.plugins.hook_registry import HookRegistry
-from tests.sglang.conftest import FakeEncoder, build_step, random_requests, run_get_embedding_and_mask
+from tests.sglang.conftest import (
+    FakeEncoder, build_step, random_requests, run_get_embedding_and_mask,
+)
 from vitbatch.adapters import sglang as adapter
 
 adapter.register()
@@ -39,10 +41,17 @@ print("CALLS", state.batcher.totals.encoder_calls, "ITEMS", state.batcher.totals
 """
 
 
-def test_metrics_appear_on_sglangs_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_metrics_appear_on_sglangs_endpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, "-c", SCHEDULER_SIDE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", SCHEDULER_SIDE],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     words = next(line for line in done.stdout.splitlines() if line.startswith("CALLS")).split()
@@ -50,17 +59,21 @@ def test_metrics_appear_on_sglangs_endpoint(tmp_path: Path, monkeypatch: pytest.
     assert calls > 0
 
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    from sglang.srt.utils.common import add_prometheus_middleware
     from starlette.applications import Starlette
     from starlette.testclient import TestClient
-    from sglang.srt.utils.common import add_prometheus_middleware
 
     app = Starlette()
     add_prometheus_middleware(app)  # SGLang's own /metrics, multiprocess collector
     text = TestClient(app).get("/metrics").text
     print("\n".join(line for line in text.splitlines() if line.startswith("vitbatch_"))[:4000])
-    assert f"vitbatch_encoder_calls_total{{engine=\"\",model_name=\"\",tp_rank=\"\"}} {float(calls)}" in text
-    assert f"vitbatch_items_total{{engine=\"\",model_name=\"\",tp_rank=\"\"}} {float(items)}" in text
+    assert (
+        f'vitbatch_encoder_calls_total{{engine="",model_name="",tp_rank=""}} {float(calls)}' in text
+    )
+    assert f'vitbatch_items_total{{engine="",model_name="",tp_rank=""}} {float(items)}' in text
     assert 'vitbatch_fallbacks_total{engine="",model_name="",reason="error",tp_rank=""} 1.0' in text
-    assert f'vitbatch_cost_per_call_count{{engine="",model_name="",tp_rank=""}} {float(calls)}' in text
+    assert (
+        f'vitbatch_cost_per_call_count{{engine="",model_name="",tp_rank=""}} {float(calls)}' in text
+    )
     assert 'vitbatch_cost_per_call_bucket{engine="",le="16.0",model_name="",tp_rank=""}' in text
     assert "vitbatch_cache_bytes" in text

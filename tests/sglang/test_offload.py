@@ -12,7 +12,14 @@ from unittest import mock
 
 import torch
 
-from tests.sglang.conftest import FakeEncoder, ItemSpec, Modality, RequestSpec, build_step, mm_schedule
+from tests.sglang.conftest import (
+    FakeEncoder,
+    ItemSpec,
+    Modality,
+    RequestSpec,
+    build_step,
+    mm_schedule,
+)
 from vitbatch.adapters import sglang as adapter
 
 
@@ -21,7 +28,12 @@ def test_features_come_back_as_host_references_without_copies() -> None:
     state = adapter.reset_state(adapter.Settings(enabled=True))
     image = Modality.IMAGE
     requests = [  # three requests, a repeated image, a window cutting the second item
-        RequestSpec([ItemSpec(11, image, [(2, 9)]), ItemSpec(12, image, [(12, 15)])], length=20, prefix=0, extend=14),
+        RequestSpec(
+            [ItemSpec(11, image, [(2, 9)]), ItemSpec(12, image, [(12, 15)])],
+            length=20,
+            prefix=0,
+            extend=14,
+        ),
         RequestSpec([ItemSpec(11, image, [(0, 7)])], length=10, prefix=0, extend=10),
         RequestSpec([ItemSpec(13, image, [(4, 19)])], length=24, prefix=3, extend=21),
     ]
@@ -69,4 +81,6 @@ def test_features_come_back_as_host_references_without_copies() -> None:
     assert stats.d2h_bytes_avoided == sum(
         host_before[id(item)].numel() * 8 for call in encoder.calls for item in call
     )
-    print(f"sample step: {stats.d2h_copies_avoided} copies, {stats.d2h_bytes_avoided} bytes avoided")
+    print(
+        f"sample step: {stats.d2h_copies_avoided} copies, {stats.d2h_bytes_avoided} bytes avoided"
+    )

@@ -25,8 +25,8 @@ pytest.importorskip("vllm")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import engine_run
-from tiny_qwen2vl import build_tiny_qwen2vl
+import engine_run  # noqa: E402 - after the sys.path line above
+from tiny_qwen2vl import build_tiny_qwen2vl  # noqa: E402
 
 MODES = ("native", "vitbatch", "vitbatch-failing", "vitbatch-mp")
 
@@ -54,7 +54,8 @@ def runs(tmp_path_factory) -> dict[str, dict]:
         )
         if proc.returncode != 0:
             pytest.fail(
-                f"{mode} engine failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+                f"{mode} engine failed (rc {proc.returncode}):\n"
+                f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
             )
         results[mode] = json.loads(out.read_text())
         results[mode]["log"] = proc.stdout + proc.stderr
@@ -98,7 +99,11 @@ def test_budgeted_cross_request_batches(runs) -> None:
     assert max(runs["vitbatch"]["image_tokens"].values()) * 4 <= budget
     histogram = batcher["cost_per_call"]  # fixed buckets; 256 is one of the bounds
     assert budget in histogram["bounds"]
-    over = [n for bound, n in zip(histogram["bounds"] + [float("inf")], histogram["counts"]) if bound > budget]
+    over = [
+        n
+        for bound, n in zip(histogram["bounds"] + [float("inf")], histogram["counts"])
+        if bound > budget
+    ]
     assert sum(histogram["counts"]) == batcher["encoder_calls"] and sum(over) == 0
     # ...and images of different requests share a call.
     assert runs["vitbatch"]["stats"]["worker"]["cross_request_calls"] >= 1

@@ -254,7 +254,7 @@ def test_options() -> None:
     assert VllmOptions.from_manager_config({"host_cache_embeds": 7}).host_capacity_embeds(10) == 7
     with pytest.raises(ValueError, match="unknown manager_config key.*'max_tokens'"):
         VllmOptions.from_manager_config({"max_tokens": 1})
-    with pytest.raises(ValueError, match="max_tokens must be positive"):
+    with pytest.raises(ValueError, match="max_cost must be positive"):
         VllmOptions.from_manager_config({"max_batch_patches": 0})
 
 
@@ -334,7 +334,8 @@ SIZES = {f"h{i}": size for i, size in enumerate([3, 5, 8, 2, 6, 4, 7])}
 def test_worker_always_holds_what_the_scheduler_counts_as_cached(
     steps, cache_size, host_capacity
 ) -> None:
-    """Model-based: scheduler manager + real worker patch; every cached hash is on the 'device' with its content."""
+    """Model-based: scheduler manager + real worker patch; every cached hash is on the
+    'device' with its content."""
     adapter.install_worker_patch()
     manager = Manager(cache_size=cache_size, host_capacity_embeds=host_capacity)
     runner = fake_runner()

@@ -56,8 +56,10 @@ def _write_tokenizer(path: Path, vocab: dict[str, int]) -> None:
     chat_template = (
         "{% for message in messages %}<|im_start|>{{ message['role'] }} "
         "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-        "{% for part in message['content'] %}{% if part['type'] == 'image' or part['type'] == 'image_url' %}"
-        "<|vision_start|><|image_pad|><|vision_end|>{% elif part['type'] == 'text' %} {{ part['text'] }}"
+        "{% for part in message['content'] %}"
+        "{% if part['type'] == 'image' or part['type'] == 'image_url' %}"
+        "<|vision_start|><|image_pad|><|vision_end|>"
+        "{% elif part['type'] == 'text' %} {{ part['text'] }}"
         "{% endif %}{% endfor %}{% endif %}<|im_end|> {% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
     )
@@ -163,7 +165,8 @@ def _processor_configs(max_tokens_per_image: int) -> tuple[dict, dict]:
 
 
 def build_tiny_qwen2vl(path: str | Path, *, seed: int = 0, max_tokens_per_image: int = 64) -> Path:
-    """Write a complete tiny Qwen2-VL checkpoint (config, tokenizer, processors, weights) to ``path``."""
+    """Write a complete tiny Qwen2-VL checkpoint (config, tokenizer, processors, weights) to
+    ``path``."""
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
@@ -198,7 +201,8 @@ def build_tiny_qwen2vl(path: str | Path, *, seed: int = 0, max_tokens_per_image:
 
 
 def image_tokens(width: int, height: int) -> int:
-    """Merged image tokens for an image whose sides are multiples of 28 px and within the pixel range."""
+    """Merged image tokens for an image whose sides are multiples of 28 px and within the
+    pixel range."""
     return (width // (PATCH * MERGE)) * (height // (PATCH * MERGE))
 
 

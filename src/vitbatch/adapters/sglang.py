@@ -170,17 +170,21 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "--vit-batch-cache-mb",
         type=int,
         default=None,
-        help="vitbatch embedding cache on the GPU, MiB (default: SGLANG_VLM_CACHE_SIZE_MB, what SGLang reserves).",
+        help="vitbatch embedding cache on the GPU, MiB "
+        "(default: SGLANG_VLM_CACHE_SIZE_MB, what SGLang reserves).",
     )
     group.add_argument(
         "--vit-batch-host-cache-mb",
         type=int,
         default=None,
-        help=f"Pinned host tier keeping evicted embeddings, MiB, 0: off (default {defaults.host_cache_mb}).",
+        help="Pinned host tier keeping evicted embeddings, MiB, 0: off "
+        f"(default {defaults.host_cache_mb}).",
     )
 
 
-def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+def settings_from_args(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> Settings:
     """The environment's settings, overridden by the options actually given."""
     if getattr(args, "vit_batch_max_tokens", None) is not None:
         raise ValueError(RENAMED_MESSAGE)
@@ -202,15 +206,20 @@ _registered = False
 
 
 def register() -> None:
-    """``sglang.srt.plugins`` entry point: cheap, idempotent, patches the mm path only when enabled."""
+    """``sglang.srt.plugins`` entry point: cheap, idempotent, patches the mm path only when
+    enabled."""
     global _registered
     if _registered:
         return
     _registered = True
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args", _after_add_cli_args, HookType.AFTER)
-    HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args", _after_from_cli_args, HookType.AFTER)
+    HookRegistry.register(
+        "sglang.srt.server_args.ServerArgs.add_cli_args", _after_add_cli_args, HookType.AFTER
+    )
+    HookRegistry.register(
+        "sglang.srt.server_args.ServerArgs.from_cli_args", _after_from_cli_args, HookType.AFTER
+    )
     if Settings.from_env().enabled:
         _register_mm_hook()
 
@@ -252,7 +261,9 @@ class AdapterState:
     """The batcher of this scheduler process, and what went wrong so far."""
 
     def __init__(self, settings: Settings) -> None:
-        cache = EmbeddingCache(settings.resolved_cache_mb() * MB, host_capacity_bytes=settings.host_cache_mb * MB)
+        cache = EmbeddingCache(
+            settings.resolved_cache_mb() * MB, host_capacity_bytes=settings.host_cache_mb * MB
+        )
         self.settings = settings
         self.batcher = VitBatcher(settings.budget(), cache)
         self.fallbacks = 0
@@ -357,7 +368,9 @@ def _around_chunked_prefill(
     except Unsupported as reason:
         state.unsupported += 1
         state.batcher.note_fallback("unsupported")
-        state.log_once(f"unsupported:{reason}", "vitbatch: SGLang's native path serves steps with %s", reason)
+        state.log_once(
+            f"unsupported:{reason}", "vitbatch: SGLang's native path serves steps with %s", reason
+        )
     except Exception as error:  # a plugin bug must cost speed, never a request
         if state is None:  # vitbatch could not even start: say so once, serve natively
             _log_state_error(error)
@@ -366,7 +379,8 @@ def _around_chunked_prefill(
         state.batcher.note_fallback("error")
         state.log_once(
             f"error:{type(error).__name__}",
-            "vitbatch failed on a step (%s: %s); SGLang's native path serves it (logged once per error type)",
+            "vitbatch failed on a step (%s: %s); SGLang's native path serves it "
+            "(logged once per error type)",
             type(error).__name__,
             error,
             exc_info=True,
@@ -439,7 +453,9 @@ def chunked_prefill_embedding(
             continue
         request_items = embedding_items[items_size[index] : items_size[index + 1]]
         if not all(len(item.offsets) == 1 or item.is_audio() for item in request_items):
-            full_path.append(index)  # multi-run non-audio items / EVS: SGLang's own per-request path
+            full_path.append(
+                index
+            )  # multi-run non-audio items / EVS: SGLang's own per-request path
             continue
         items = [core_item(item) for item in request_items]
         _check_order(items)
@@ -506,7 +522,10 @@ def _engine_encoder(
     def encode(items: Sequence[Item]) -> list[torch.Tensor] | torch.Tensor:
         engine_items = [item.payload for item in items]
         for engine_item in engine_items:
-            if id(engine_item) in borrowable and engine_item.can_defer_cuda_ipc_feature_reconstruction():
+            if (
+                id(engine_item) in borrowable
+                and engine_item.can_defer_cuda_ipc_feature_reconstruction()
+            ):
                 engine_item.model_specific_data[BORROW_CUDA_IPC_FEATURE_KEY] = True
         _wait_for_native_offload(engine_items, device, defer_move)
         if not defer_move:
@@ -525,12 +544,16 @@ def _engine_encoder(
     return encode
 
 
-def _wait_for_native_offload(items: Sequence[MultimodalDataItem], device: torch.device, defer_move: bool) -> None:
+def _wait_for_native_offload(
+    items: Sequence[MultimodalDataItem], device: torch.device, defer_move: bool
+) -> None:
     """Host features may still be arriving from SGLang's own async copy-back of a previous step."""
     from sglang.srt.managers import mm_schedule
 
     event = mm_schedule.host_offload_event
-    if event is None or not any(isinstance(i.feature, torch.Tensor) and i.feature.is_cpu for i in items):
+    if event is None or not any(
+        isinstance(i.feature, torch.Tensor) and i.feature.is_cpu for i in items
+    ):
         return
     if defer_move or device.type != "cuda":
         event.synchronize()

@@ -260,7 +260,8 @@ def _manager_methods(base: type) -> dict[str, Any]:
         install_worker_patch()
         host_capacity = options.host_capacity_embeds(bytes_per_embed)
         logger.info(
-            "vitbatch: encoder cache manager on (device cache %d embeddings, host tier %d embeddings, %s)",
+            "vitbatch: encoder cache manager on "
+            "(device cache %d embeddings, host tier %d embeddings, %s)",
             cache_size,
             host_capacity,
             options.budget,
@@ -420,7 +421,9 @@ def _manager_methods(base: type) -> dict[str, Any]:
         return metadata
 
     return {
-        "__doc__": "vLLM's EncoderCacheManager plus vitbatch's host tier and per-step worker metadata.",
+        "__doc__": (
+            "vLLM's EncoderCacheManager plus vitbatch's host tier and per-step worker metadata."
+        ),
         "__module__": __name__,
         "__qualname__": MANAGER_CLASS_NAME,
         "create_manager": create_manager,
@@ -534,7 +537,9 @@ def _worker_state(runner: Any, metadata: VitBatchStepMetadata) -> _WorkerState:
         with _state_lock:
             state = getattr(runner, "_vitbatch_state", None)
             if state is None:
-                state = _WorkerState(metadata, _expected_hidden_size(runner), _metric_labels(runner))
+                state = _WorkerState(
+                    metadata, _expected_hidden_size(runner), _metric_labels(runner)
+                )
                 runner._vitbatch_state = state
     state.configure(metadata)
     return state
@@ -671,7 +676,8 @@ def _encode_step(
     scheduler_output: SchedulerOutput,
     scheduled: tuple[list[str], list[tuple[str, Any]], list[tuple[str, Any]]],
 ) -> list[torch.Tensor]:
-    """Encode the step's scheduled inputs (and restores whose host copy is missing) through the core."""
+    """Encode the step's scheduled inputs (and restores whose host copy is missing) through
+    the core."""
     metadata = scheduler_output.ec_manager_metadata
     mm_hashes, mm_kwargs, refs = scheduled
     entries = [

@@ -24,21 +24,36 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from vitbatch.encoders.qwen_vision import CONFIGS
 
-    parser.add_argument("--encoder", default="tiny", choices=sorted(CONFIGS), help="bundled ViT config")
-    parser.add_argument("--workload", nargs="+", default=["default"], choices=sorted(WORKLOADS))
-    parser.add_argument("--requests", type=int, default=None, help="override the workload's request count")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
-    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="float32 on CPU, bfloat16 on CUDA")
     parser.add_argument(
-        "--max-patches", type=int, default=Budget().max_cost, help="vitbatch budget: patches per call"
+        "--encoder", default="tiny", choices=sorted(CONFIGS), help="bundled ViT config"
     )
-    parser.add_argument("--max-items", type=int, default=Budget().max_items, help="vitbatch budget: items per call")
+    parser.add_argument("--workload", nargs="+", default=["default"], choices=sorted(WORKLOADS))
+    parser.add_argument(
+        "--requests", type=int, default=None, help="override the workload's request count"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    parser.add_argument(
+        "--dtype", default=None, choices=sorted(DTYPES), help="float32 on CPU, bfloat16 on CUDA"
+    )
+    parser.add_argument(
+        "--max-patches",
+        type=int,
+        default=Budget().max_cost,
+        help="vitbatch budget: patches per call",
+    )
+    parser.add_argument(
+        "--max-items", type=int, default=Budget().max_items, help="vitbatch budget: items per call"
+    )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--repeat", type=int, default=2, help="timed passes per mode; the fastest counts")
+    parser.add_argument(
+        "--repeat", type=int, default=2, help="timed passes per mode; the fastest counts"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", type=Path, default=None, help="write results as JSON here")
-    parser.add_argument("--plot", type=Path, default=None, help="write a PNG plot here (needs matplotlib)")
+    parser.add_argument(
+        "--plot", type=Path, default=None, help="write a PNG plot here (needs matplotlib)"
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -56,7 +71,11 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = (
+        DTYPES[args.dtype]
+        if args.dtype
+        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    )
     torch.manual_seed(args.seed)
     model = build_encoder(args.encoder, device, dtype)
     reports = [run_workload(args, name, model, device, dtype) for name in args.workload]
@@ -67,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
         "torch": torch.__version__,
         "cuda_driver": _driver_version() if device.type == "cuda" else None,
         "python": platform.python_version(),
-        "command": "vitbatch bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None,
+        "command": "vitbatch bench " + " ".join(sys.argv[2:])
+        if sys.argv[1:2] == ["bench"]
+        else None,
     }
     try:
         import transformers
@@ -78,12 +99,20 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps({**environment, "workloads": reports}, indent=2))
     if args.plot:
-        write_plot({r["workload"]: r["results"] for r in reports}, args.plot, title=f"{args.encoder} on {environment['device']}")
+        write_plot(
+            {r["workload"]: r["results"] for r in reports},
+            args.plot,
+            title=f"{args.encoder} on {environment['device']}",
+        )
     return 0 if all(r["outputs_equal"] for r in reports) else 1
 
 
 def run_workload(
-    args: argparse.Namespace, name: str, model: torch.nn.Module, device: torch.device, dtype: torch.dtype
+    args: argparse.Namespace,
+    name: str,
+    model: torch.nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> dict:
     """Run every mode on workload ``name``, print its table, return its report."""
     config = model.config
@@ -122,10 +151,14 @@ def run_workload(
     equal = all(diff <= tolerance for diff in differences.values())
     print(
         f"workload {name}: {spec.requests} requests, {len(steps)} step(s), "
-        f"{sum(len(r.images) for r in requests)} images; encoder {args.encoder} {str(dtype).removeprefix('torch.')} "
-        f"on {_device_name(device)}; vitbatch budget {budget.max_cost} patches / {budget.max_items} items"
+        f"{sum(len(r.images) for r in requests)} images; "
+        f"encoder {args.encoder} {str(dtype).removeprefix('torch.')} "
+        f"on {_device_name(device)}; "
+        f"vitbatch budget {budget.max_cost} patches / {budget.max_items} items"
     )
-    print(format_table(results, baseline="per-request" if "per-request" in args.modes else reference))
+    print(
+        format_table(results, baseline="per-request" if "per-request" in args.modes else reference)
+    )
     print(
         "outputs equal across modes: "
         + ("yes" if equal else "NO")
@@ -163,7 +196,9 @@ def _driver_version() -> str | None:
 
     try:
         done = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
         )
     except OSError:
         return None

@@ -66,6 +66,7 @@ def _check_host_references(released: Sequence[torch.Tensor], host: Sequence[torc
             continue
         if back.device.type != "cpu" or not back.is_pinned() or not torch.equal(back, original):
             raise RuntimeError(
-                f"feature {index}: release returned neither its host tensor nor an equal pinned twin "
+                f"feature {index}: release returned neither its host tensor "
+                "nor an equal pinned twin "
                 f"(device {back.device}, pinned {back.is_pinned()})"
             )

@@ -12,13 +12,26 @@ GIB = 1 << 30
 
 def format_table(results: Sequence[ModeResult], baseline: str) -> str:
     base = next((r for r in results if r.mode == baseline), results[0])
-    rows = [("mode", "images/s", "TFLOP/s", "encoder calls", "peak GiB", "speedup", "plan+assemble ms", "idle host %")]
+    rows = [
+        (
+            "mode",
+            "images/s",
+            "TFLOP/s",
+            "encoder calls",
+            "peak GiB",
+            "speedup",
+            "plan+assemble ms",
+            "idle host %",
+        )
+    ]
     for r in results:
         rows.append(
             (
                 r.mode,
                 f"{r.images_per_second:.1f}",
-                "-" if r.tflops is None else (f"{r.tflops:.1f}" if r.tflops >= 1 else f"{r.tflops:.3f}"),
+                "-"
+                if r.tflops is None
+                else (f"{r.tflops:.1f}" if r.tflops >= 1 else f"{r.tflops:.3f}"),
                 str(r.encoder_calls),
                 "-" if r.peak_bytes is None else f"{r.peak_bytes / GIB:.2f}",
                 f"{r.images_per_second / base.images_per_second:.2f}x",
@@ -27,7 +40,12 @@ def format_table(results: Sequence[ModeResult], baseline: str) -> str:
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
+    lines = [
+        "  ".join(
+            cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))
+        )
+        for row in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -47,8 +65,16 @@ def write_plot(results: Mapping[str, Sequence[dict]], path: Path, title: str) ->
     for index, mode in enumerate(modes):
         xs = [w + (index - (len(modes) - 1) / 2) * width for w in range(len(workloads))]
         rows = [next(r for r in results[w] if r["mode"] == mode) for w in workloads]
-        left.bar(xs, [r["images_per_second"] for r in rows], width, label=mode, color=colors[index % 3])
-        right.bar(xs, [(r["peak_bytes"] or 0) / GIB for r in rows], width, label=mode, color=colors[index % 3])
+        left.bar(
+            xs, [r["images_per_second"] for r in rows], width, label=mode, color=colors[index % 3]
+        )
+        right.bar(
+            xs,
+            [(r["peak_bytes"] or 0) / GIB for r in rows],
+            width,
+            label=mode,
+            color=colors[index % 3],
+        )
     for axis, label in ((left, "images/s"), (right, "peak GiB")):
         axis.set_xticks(range(len(workloads)), workloads)
         axis.set_ylabel(label)

@@ -60,7 +60,9 @@ class ModeResult:
 
     def as_dict(self) -> dict:
         out = asdict(self)
-        out.update(images_per_second=self.images_per_second, tflops=self.tflops, host_share=self.host_share)
+        out.update(
+            images_per_second=self.images_per_second, tflops=self.tflops, host_share=self.host_share
+        )
         return out
 
 
@@ -112,7 +114,9 @@ def run_modes(
     pinned_cache: dict[int, torch.Tensor] = {}
 
     def fresh_batcher(mode: str) -> VitBatcher:
-        encoder = EmbeddedEncoder(model, device, dtype, pinned=(mode == "vitbatch"), pinned_cache=pinned_cache)
+        encoder = EmbeddedEncoder(
+            model, device, dtype, pinned=(mode == "vitbatch"), pinned_cache=pinned_cache
+        )
         pm = make_plugin_manager(load_entry_points=False, plugins=[encoder])
         mode_budget = budget if mode == "vitbatch" else Budget.unbounded()
         hidden = model.config.out_hidden_size
@@ -120,7 +124,9 @@ def run_modes(
 
     outputs = {}
     for mode in modes:  # untimed: warms up and records the outputs to compare
-        _, outputs[mode] = _run_steps(mode, steps, fresh_batcher(mode), keep_outputs=True, on_step=on_step)
+        _, outputs[mode] = _run_steps(
+            mode, steps, fresh_batcher(mode), keep_outputs=True, on_step=on_step
+        )
 
     best: dict[str, tuple[float, StepStats, int | None]] = {}
     idle: dict[str, float] = {}
@@ -140,7 +146,14 @@ def run_modes(
             if round_ == repeat - 1:
                 idle[mode] = _idle_host_seconds(mode, steps, batcher, device)
 
-    images = len({(chunk.request_id, index) for chunks in steps for chunk in chunks for index in range(len(chunk.items))})
+    images = len(
+        {
+            (chunk.request_id, index)
+            for chunks in steps
+            for chunk in chunks
+            for index in range(len(chunk.items))
+        }
+    )
     results = []
     for mode in modes:
         seconds, totals, peak = best[mode]
@@ -174,11 +187,15 @@ def _idle_host_seconds(
         torch.cuda.synchronize(device)
     replay, _ = _run_steps(mode, steps, batcher, keep_outputs=False, on_step=lambda: None)
     if replay.misses:
-        raise RuntimeError(f"{mode}: {replay.misses} cache misses in the warm replay; the cache is too small")
+        raise RuntimeError(
+            f"{mode}: {replay.misses} cache misses in the warm replay; the cache is too small"
+        )
     return replay.plan_seconds + replay.assemble_seconds
 
 
-def max_difference(reference: Sequence[torch.Tensor | None], other: Sequence[torch.Tensor | None]) -> float:
+def max_difference(
+    reference: Sequence[torch.Tensor | None], other: Sequence[torch.Tensor | None]
+) -> float:
     """Worst relative difference ``||a - b|| / ||a||`` over the steps of two modes.
 
     Relative, because a 32-block random ViT in bf16 has outputs of arbitrary

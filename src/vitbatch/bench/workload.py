@@ -39,7 +39,9 @@ class WorkloadSpec:
 
 WORKLOADS: dict[str, WorkloadSpec] = {
     # CPU default: mixed sizes, repeats, chunk windows that cut through images.
-    "default": WorkloadSpec(32, (1, 4), (112, 224, 336, 448), repeat_fraction=0.2, chunk_tokens=256),
+    "default": WorkloadSpec(
+        32, (1, 4), (112, 224, 336, 448), repeat_fraction=0.2, chunk_tokens=256
+    ),
     # The GPU workloads of the performance issue (whole prompts, host features).
     "small": WorkloadSpec(64, (1, 1), (448,)),
     "tiny": WorkloadSpec(64, (2, 2), (224,)),
@@ -125,7 +127,12 @@ def chunked_steps(requests: Sequence[Request], chunk_tokens: int) -> list[list[R
     """The scheduler steps of a chunked prefill of all requests started together."""
     items = [request_items(r) for r in requests]
     if chunk_tokens <= 0:
-        return [[RequestChunk(its, Window(0, r.length), i) for i, (r, its) in enumerate(zip(requests, items))]]
+        return [
+            [
+                RequestChunk(its, Window(0, r.length), i)
+                for i, (r, its) in enumerate(zip(requests, items))
+            ]
+        ]
     steps = []
     start = 0
     while any(start < r.length for r in requests):

@@ -25,7 +25,14 @@ from vitbatch.core.planner import Budget, MicroBatch, StepPlan, plan_needed, pla
 from vitbatch.core.stats import StepStats, Totals
 from vitbatch.core.validate import check_finite, split_encoder_output
 
-__all__ = ["EncoderOutput", "EngineEncoder", "StepObserver", "StepResult", "StepStats", "VitBatcher"]
+__all__ = [
+    "EncoderOutput",
+    "EngineEncoder",
+    "StepObserver",
+    "StepResult",
+    "StepStats",
+    "VitBatcher",
+]
 
 DEFAULT_CACHE_BYTES = 4 << 30
 
@@ -276,14 +283,18 @@ class VitBatcher:
     ) -> torch.Tensor:
         answer = call_first_result(
             self.plugin_manager.hook.vitbatch_assemble_chunk,
-            context=f"request {chunk.request_id!r}, window [{chunk.window.start}, {chunk.window.end})",
+            context=(
+                f"request {chunk.request_id!r}, window [{chunk.window.start}, {chunk.window.end})"
+            ),
             window=chunk.window,
             items=items,
             embeddings=[embeddings[item.key] for item in items],
         )
         expected = sum(rows for item in items for _, _, rows in item.rows_in(chunk.window))
         if answer is None:
-            raise AssemblyError(f"no vitbatch_assemble_chunk implementation assembled request {chunk.request_id!r}")
+            raise AssemblyError(
+                f"no vitbatch_assemble_chunk implementation assembled request {chunk.request_id!r}"
+            )
         result, plugin_name = answer
         if not isinstance(result, torch.Tensor) or result.dim() != 2 or result.shape[0] != expected:
             got = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__

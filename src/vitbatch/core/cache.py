@@ -58,7 +58,9 @@ class _LruTier:
             self.used_bytes -= tensor_bytes(tensor)
         return tensor
 
-    def make_room(self, size: int, protected: set[ItemKey]) -> list[tuple[ItemKey, torch.Tensor]] | None:
+    def make_room(
+        self, size: int, protected: set[ItemKey]
+    ) -> list[tuple[ItemKey, torch.Tensor]] | None:
         """Evict least-recently-used unprotected entries until ``size`` bytes fit.
 
         :returns: the evicted entries, or ``None`` (and nothing evicted) if

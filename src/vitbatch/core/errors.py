@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
-OutOfMemoryError: type[BaseException] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+OutOfMemoryError: type[BaseException] = getattr(
+    torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError
+)
 """The device OOM error an encoder call may raise; the batcher halves the batch on it
 (``torch.OutOfMemoryError`` in torch >= 2.5, ``torch.cuda.OutOfMemoryError`` before)."""
 

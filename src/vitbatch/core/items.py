@@ -96,16 +96,22 @@ class Item:
     def __post_init__(self) -> None:
         self.spans = tuple(self.spans)
         if self.num_tokens <= 0:
-            raise ValueError(f"item {self.hash!r} ({self.modality}): num_tokens must be > 0, got {self.num_tokens}")
+            raise ValueError(
+                f"item {self.hash!r} ({self.modality}): num_tokens must be > 0, "
+                f"got {self.num_tokens}"
+            )
         if not self.spans:
-            raise ValueError(f"item {self.hash!r} ({self.modality}): needs at least one placeholder span")
+            raise ValueError(
+                f"item {self.hash!r} ({self.modality}): needs at least one placeholder span"
+            )
         previous_end = -1
         for span in self.spans:
             if span.length <= 0 or span.offset < 0:
                 raise ValueError(f"item {self.hash!r} ({self.modality}): invalid span {span}")
             if span.offset < previous_end:
                 raise ValueError(
-                    f"item {self.hash!r} ({self.modality}): spans must be sorted and disjoint, got {self.spans}"
+                    f"item {self.hash!r} ({self.modality}): spans must be sorted and disjoint, "
+                    f"got {self.spans}"
                 )
             previous_end = span.end
         total = sum(span.length for span in self.spans)
@@ -128,7 +134,9 @@ class Item:
 
     def overlaps(self, window: Window) -> bool:
         """Whether any placeholder of this item lies inside ``window``."""
-        return any(max(span.offset, window.start) < min(span.end, window.end) for span in self.spans)
+        return any(
+            max(span.offset, window.start) < min(span.end, window.end) for span in self.spans
+        )
 
     def rows_in(self, window: Window) -> list[tuple[int, int, int]]:
         """The parts of this item inside ``window``.

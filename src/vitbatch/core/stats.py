@@ -163,7 +163,11 @@ class Totals:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, Histogram):
-                value = {"bounds": list(value.bounds), "counts": list(value.counts), "sum": value.total}
+                value = {
+                    "bounds": list(value.bounds),
+                    "counts": list(value.counts),
+                    "sum": value.total,
+                }
             elif isinstance(value, dict):
                 value = dict(value)
             out[f.name] = value

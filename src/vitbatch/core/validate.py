@@ -57,7 +57,11 @@ def split_encoder_output(
             )
         for item, embedding in zip(items, per_item):
             if not isinstance(embedding, torch.Tensor) or embedding.dim() != 2:
-                got = tuple(embedding.shape) if isinstance(embedding, torch.Tensor) else type(embedding).__name__
+                got = (
+                    tuple(embedding.shape)
+                    if isinstance(embedding, torch.Tensor)
+                    else type(embedding).__name__
+                )
                 raise EncoderOutputError(
                     f"{_where(plugin_name, modality)} returned {got} for item {item.hash!r}: "
                     f"expected a tensor [{item.num_tokens}, hidden]"
@@ -76,7 +80,8 @@ def split_encoder_output(
     for item, embedding in zip(items, per_item):
         if embedding.shape[1] != reference:
             raise EncoderOutputError(
-                f"{_where(plugin_name, modality)} returned hidden size {embedding.shape[1]} for item "
+                f"{_where(plugin_name, modality)} returned hidden size {embedding.shape[1]} "
+                "for item "
                 f"{item.hash!r}: expected {reference}"
             )
     return per_item

@@ -87,7 +87,9 @@ def image_grid(config: VisionConfig, height_px: int, width_px: int) -> Grid:
 def _as_grids(grid_thw: torch.Tensor | Sequence[Sequence[int]]) -> list[Grid]:
     if isinstance(grid_thw, torch.Tensor):
         if grid_thw.device.type != "cpu":
-            raise ValueError("grid_thw must be on the host (a list or a CPU tensor): reading it would sync")
+            raise ValueError(
+                "grid_thw must be on the host (a list or a CPU tensor): reading it would sync"
+            )
         grid_thw = grid_thw.tolist()
     return [(int(t), int(h), int(w)) for t, h, w in grid_thw]
 
@@ -187,7 +189,9 @@ def segment_attention(
     out = torch.empty_like(q)
     for length in torch.unique(lengths).tolist():
         chosen = starts[lengths == length]
-        rows = (chosen.unsqueeze(1) + torch.arange(length)).flatten().to(q.device, non_blocking=True)
+        rows = (
+            (chosen.unsqueeze(1) + torch.arange(length)).flatten().to(q.device, non_blocking=True)
+        )
 
         def gathered(x: torch.Tensor) -> torch.Tensor:
             return x[rows].reshape(len(chosen), length, *x.shape[1:]).transpose(1, 2)
@@ -254,7 +258,9 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(config)
         self.mlp = VisionMLP(config)
 
-    def forward(self, x: torch.Tensor, cu: torch.Tensor, max_len: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cu: torch.Tensor, max_len: int, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cu, max_len, cos, sin)
         return x + self.mlp(self.norm2(x))
 
@@ -275,7 +281,9 @@ class PatchMerger(nn.Module):
         super().__init__()
         merged = config.hidden_size * config.spatial_merge_size**2
         self.ln_q = RMSNorm(config.hidden_size, config.eps)
-        self.mlp = nn.Sequential(nn.Linear(merged, merged), nn.GELU(), nn.Linear(merged, config.out_hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(merged, merged), nn.GELU(), nn.Linear(merged, config.out_hidden_size)
+        )
         self.merged = merged
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -283,7 +291,8 @@ class PatchMerger(nn.Module):
 
 
 class QwenVisionEncoder(nn.Module):
-    """Qwen2.5-VL's vision tower: pixels ``[patches, patch_dim]`` + host grids → ``[tokens, out_hidden]``."""
+    """Qwen2.5-VL's vision tower: pixels ``[patches, patch_dim]`` + host grids →
+    ``[tokens, out_hidden]``."""
 
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
@@ -292,10 +301,14 @@ class QwenVisionEncoder(nn.Module):
         self.blocks = nn.ModuleList(VisionBlock(config) for _ in range(config.depth))
         self.merger = PatchMerger(config)
         half = config.head_dim // 2
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, half, 2, dtype=torch.float32) / half))
+        inv_freq = 1.0 / (
+            config.rope_theta ** (torch.arange(0, half, 2, dtype=torch.float32) / half)
+        )
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
+    def forward(
+        self, pixel_values: torch.Tensor, grid_thw: torch.Tensor | Sequence[Sequence[int]]
+    ) -> torch.Tensor:
         grids = _as_grids(grid_thw)
         device = pixel_values.device
         layout = _layout(self.config, grids)
@@ -342,7 +355,9 @@ class QwenVisionEncoder(nn.Module):
         return float(total)
 
 
-def build_encoder(name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> QwenVisionEncoder:
+def build_encoder(
+    name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> QwenVisionEncoder:
     """The bundled encoder ``name`` with random weights (seeded by the caller), eval mode."""
     if name not in CONFIGS:
         raise ValueError(f"unknown encoder {name!r}; choose from {sorted(CONFIGS)}")
@@ -361,7 +376,9 @@ def _init_weights(model: nn.Module) -> None:
                 nn.init.zeros_(module.bias)
 
 
-def load_transformers_state_dict(model: QwenVisionEncoder, state: Mapping[str, torch.Tensor]) -> None:
+def load_transformers_state_dict(
+    model: QwenVisionEncoder, state: Mapping[str, torch.Tensor]
+) -> None:
     """Load weights of transformers' ``Qwen2_5_VisionTransformerPretrainedModel`` (same names;
     the patch-embedding Conv3d kernel is flattened into the linear layer it is)."""
     converted = dict(state)

@@ -14,8 +14,7 @@ import torch
 from vitbatch.plugin.hookspecs import hookimpl
 
 if TYPE_CHECKING:
-    from vitbatch.core.items import EngineEncoder
-    from vitbatch.core.items import Item, Window
+    from vitbatch.core.items import EngineEncoder, Item, Window
 
 
 @hookimpl(trylast=True)

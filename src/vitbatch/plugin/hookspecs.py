@@ -24,8 +24,7 @@ import pluggy
 if TYPE_CHECKING:
     import torch
 
-    from vitbatch.core.items import EngineEncoder
-    from vitbatch.core.items import Item, Window
+    from vitbatch.core.items import EngineEncoder, Item, Window
 
 PROJECT_NAME = "vitbatch"
 

@@ -43,8 +43,10 @@ def vitbatch_encode_batch(
     encoded: list[torch.Tensor] = []
     if missing:
         output = engine_encoder(missing)
-        encoded = list(output) if not isinstance(output, torch.Tensor) else list(
-            torch.split(output, [item.num_tokens for item in missing])
+        encoded = (
+            list(output)
+            if not isinstance(output, torch.Tensor)
+            else list(torch.split(output, [item.num_tokens for item in missing]))
         )
     device, dtype = _placement(encoded, items)
     answers = iter(encoded)
@@ -59,7 +61,9 @@ def vitbatch_encode_batch(
     return result
 
 
-def _placement(encoded: list[torch.Tensor], items: Sequence[Item]) -> tuple[torch.device, torch.dtype | None]:
+def _placement(
+    encoded: list[torch.Tensor], items: Sequence[Item]
+) -> tuple[torch.device, torch.dtype | None]:
     """Put stored rows where the engine's own rows are (or where the features are)."""
     if encoded:
         return encoded[0].device, encoded[0].dtype

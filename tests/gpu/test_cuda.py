@@ -1,6 +1,6 @@
-"""The CUDA-only behaviour of the core, checked on a real GPU (CI has none).
+"""The CUDA-only behaviour of the core, on a real GPU; skipped without CUDA (CI has none).
 
-    PYTHONPATH=src python3 scripts/cuda_checks.py
+    PYTHONPATH=src python3 -m pytest tests/gpu -s
 
 1. CPU-reference offload: features pinned once, copied host→device without
    blocking, released with zero device→host copies (the profiler counts DtoH
@@ -14,12 +14,25 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from vitbatch import hookimpl
-from vitbatch.core import Budget, EmbeddingCache, HostReferenceOffload, Item, ItemKey, RequestChunk, Span, VitBatcher, Window
+from vitbatch.core import (
+    Budget,
+    EmbeddingCache,
+    HostReferenceOffload,
+    Item,
+    ItemKey,
+    RequestChunk,
+    Span,
+    VitBatcher,
+    Window,
+)
 from vitbatch.plugin import make_plugin_manager
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def count_dtoh(fn) -> tuple[object, int]:
@@ -30,7 +43,7 @@ def count_dtoh(fn) -> tuple[object, int]:
     return result, dtoh
 
 
-def check_offload() -> None:
+def test_offload_releases_without_device_to_host_copies() -> None:
     offload = HostReferenceOffload()
     host = [torch.randn(4096, 1176) for _ in range(8)]
     moved = [offload.to_device(t, "cuda") for t in host]
@@ -42,12 +55,13 @@ def check_offload() -> None:
     assert offload.stats.pinned_bytes == pinned_before  # pinned once, reused
     _, native_dtoh = count_dtoh(lambda: [t.to("cpu", non_blocking=True) for t in again])
     print(
-        f"offload: {offload.stats.d2h_copies_avoided} releases, {offload.stats.d2h_bytes_avoided / 2**20:.0f} MiB, "
+        f"offload: {offload.stats.d2h_copies_avoided} releases, "
+        f"{offload.stats.d2h_bytes_avoided / 2**20:.0f} MiB, "
         f"0 DtoH copies (copying back would make {native_dtoh}); second move pinned nothing"
     )
 
 
-def check_host_tier() -> None:
+def test_host_tier_restores_evicted_cuda_entries_equal() -> None:
     cache = EmbeddingCache(2 * 1024 * 3584 * 2, host_capacity_bytes=8 * 1024 * 3584 * 2)
     tensors = {h: torch.randn(1024, 3584, device="cuda", dtype=torch.bfloat16) for h in range(4)}
     for h, t in tensors.items():
@@ -55,7 +69,10 @@ def check_host_tier() -> None:
     assert cache.host_keys() == [ItemKey(0, 1024), ItemKey(1, 1024)]
     back = cache.get(ItemKey(0, 1024))
     assert back.is_cuda and torch.equal(back, tensors[0])
-    print(f"host tier: evicted entries pinned on the host, restored to CUDA equal ({cache.stats.host_hits} host hit)")
+    print(
+        "host tier: evicted entries pinned on the host, restored to CUDA equal "
+        f"({cache.stats.host_hits} host hit)"
+    )
 
 
 class HungryEncoder:
@@ -74,27 +91,29 @@ class HungryEncoder:
         return [item.features.cuda().float().sin() for item in items]
 
 
-def check_oom_backoff() -> None:
+def test_oom_backoff_splits_until_the_batch_fits() -> None:
     free, _ = torch.cuda.mem_get_info()
     rows_per_item = 1024
     per_row = int(free / (3.5 * rows_per_item))  # ~3.5 items fit; 16 do not
     encoder = HungryEncoder(per_row)
     items = [
-        Item(h, "image", rows_per_item, (Span(0, rows_per_item),), features=torch.randn(rows_per_item, 8))
+        Item(
+            h,
+            "image",
+            rows_per_item,
+            (Span(0, rows_per_item),),
+            features=torch.randn(rows_per_item, 8),
+        )
         for h in range(16)
     ]
     chunks = [RequestChunk([item], Window(0, rows_per_item), h) for h, item in enumerate(items)]
-    batcher = VitBatcher(Budget.unbounded(), EmbeddingCache(0), make_plugin_manager(False, [encoder]))
+    pm = make_plugin_manager(False, [encoder])
+    batcher = VitBatcher(Budget.unbounded(), EmbeddingCache(0), pm, hidden_size=8)
     result = batcher.run_step(chunks)
     for item, got in zip(items, result.embeddings):
         assert torch.equal(got, item.features.cuda().float().sin())
     assert result.stats.oom_splits > 0 and max(encoder.calls) <= 3
-    print(f"OOM back-off: 1 planned call of 16 items -> {result.stats.oom_splits} splits, successful calls {encoder.calls}")
-
-
-if __name__ == "__main__":
-    assert torch.cuda.is_available()
-    check_offload()
-    check_host_tier()
-    check_oom_backoff()
-    print("all CUDA checks passed")
+    print(
+        f"OOM back-off: 1 planned call of 16 items -> {result.stats.oom_splits} splits, "
+        f"successful calls {encoder.calls}"
+    )
