@@ -42,6 +42,7 @@ logger = logging.getLogger("vitbatch.sglang")
 
 TARGET = "sglang.srt.managers.mm_schedule._get_chunked_prefill_embedding"
 MB = 1 << 20
+BOOLEANS = ("enabled", "check_finite")
 RENAMED_ENV = "VITBATCH_MAX_TOKENS"
 RENAMED_MESSAGE = (
     "vitbatch: --vit-batch-max-tokens / VITBATCH_MAX_TOKENS (embedding tokens) was replaced by "
@@ -71,9 +72,11 @@ class Settings:
     max_items: int = 64
     cache_mb: int | None = None
     host_cache_mb: int = 0
+    check_finite: bool = False
 
     ENV = {
         "enabled": "VITBATCH_ENABLE",
+        "check_finite": "VITBATCH_CHECK_FINITE",
         "max_patches": "VITBATCH_MAX_PATCHES",
         "max_items": "VITBATCH_MAX_ITEMS",
         "cache_mb": "VITBATCH_CACHE_MB",
@@ -108,7 +111,7 @@ class Settings:
             raw = environ.get(variable)
             if raw is None or raw == "":
                 continue
-            if name == "enabled":
+            if name in BOOLEANS:
                 values[name] = raw.strip().lower() in ("1", "true", "yes", "on")
             else:
                 try:
@@ -121,7 +124,7 @@ class Settings:
         env = {}
         for name, variable in self.ENV.items():
             value = getattr(self, name)
-            if name == "enabled":
+            if name in BOOLEANS:
                 env[variable] = "1" if value else "0"
             elif value is not None:
                 env[variable] = str(value)
@@ -161,6 +164,13 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--vit-batch-max-tokens", type=int, default=None, help=argparse.SUPPRESS)
     group.add_argument(
+        "--vit-batch-check-finite",
+        action="store_true",
+        default=None,
+        help="Debugging aid: refuse encoder outputs holding NaN/Inf (naming the item) and let "
+        "SGLang's own path serve that step. Costs a device sync per encoder call.",
+    )
+    group.add_argument(
         "--vit-batch-max-items",
         type=int,
         default=None,
@@ -195,7 +205,8 @@ def settings_from_args(
         if getattr(args, flag, None) is not None
     }
     enabled = base.enabled or bool(getattr(args, "enable_vit_batching", False))
-    return replace(base, enabled=enabled, **given)
+    check_finite = base.check_finite or bool(getattr(args, "vit_batch_check_finite", False))
+    return replace(base, enabled=enabled, check_finite=check_finite, **given)
 
 
 # ---------------------------------------------------------------------------
@@ -265,7 +276,7 @@ class AdapterState:
             settings.resolved_cache_mb() * MB, host_capacity_bytes=settings.host_cache_mb * MB
         )
         self.settings = settings
-        self.batcher = VitBatcher(settings.budget(), cache)
+        self.batcher = VitBatcher(settings.budget(), cache, check_finite=settings.check_finite)
         self.fallbacks = 0
         self.unsupported = 0
         self._logged: set[str] = set()

@@ -82,12 +82,15 @@ class VllmOptions:
     :param host_cache_bytes: size of the host tier on each worker; 0 disables it.
     :param host_cache_embeds: the same bound in embedding rows (overrides
         ``host_cache_bytes``; the scheduler counts rows, like vLLM's cache).
+    :param check_finite: debugging aid: refuse encoder outputs holding NaN/Inf
+        (the step then runs vLLM's own path); costs a device sync per call.
     """
 
     max_batch_patches: int | None = 16384
     max_batch_items: int | None = 64
     host_cache_bytes: int = 1 << 30
     host_cache_embeds: int | None = None
+    check_finite: bool = False
 
     @classmethod
     def from_manager_config(cls, config: Mapping[str, Any] | None) -> VllmOptions:
@@ -149,6 +152,7 @@ class VitBatchStepMetadata:
     reset: bool = False
     max_batch_patches: int | None = 16384
     max_batch_items: int | None = 64
+    check_finite: bool = False
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Arriving in a worker process means vitbatch's manager is configured:
@@ -415,6 +419,7 @@ def _manager_methods(base: type) -> dict[str, Any]:
             reset=self._reset,
             max_batch_patches=self.options.max_batch_patches,
             max_batch_items=self.options.max_batch_items,
+            check_finite=self.options.check_finite,
         )
         self._restore, self._demote, self._drop = [], [], []
         self._reset = False
@@ -505,6 +510,7 @@ class _WorkerState:
             budget=Budget(metadata.max_batch_patches, metadata.max_batch_items),
             cache=EmbeddingCache(0),
             hidden_size=hidden_size,
+            check_finite=metadata.check_finite,
         )
         export_batcher(self.batcher, labels)
         self.host: dict[str, torch.Tensor] = {}
