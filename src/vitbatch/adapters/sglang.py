@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vitbatch.core import Budget, EmbeddingCache, Item, RequestChunk, Span, VitBatcher, Window
+from vitbatch.core.agreement import group_agree
 from vitbatch.metrics import export_batcher
 
 if TYPE_CHECKING:
@@ -276,7 +277,12 @@ class AdapterState:
             settings.resolved_cache_mb() * MB, host_capacity_bytes=settings.host_cache_mb * MB
         )
         self.settings = settings
-        self.batcher = VitBatcher(settings.budget(), cache, check_finite=settings.check_finite)
+        self.batcher = VitBatcher(
+            settings.budget(),
+            cache,
+            check_finite=settings.check_finite,
+            agree=group_agree(group) if (group := _agree_group()) is not None else None,
+        )
         self.fallbacks = 0
         self.unsupported = 0
         self._logged: set[str] = set()
@@ -320,6 +326,30 @@ def _expected_hidden_size(data_embedding_func: Callable) -> int | None:
         if isinstance(width, int) and width > 0:
             return width
     return None
+
+
+def _agree_group() -> Any:
+    """The CPU group of the ranks that share the vision tower, or ``None``.
+
+    SGLang shards the tower over the attention-TP group at TP > 1 unless the
+    encoder runs data-parallel (``--mm-enable-dp-encoder``: each rank encodes
+    its own items, nothing to agree on)."""
+    try:
+        from sglang.srt.distributed.parallel_state import get_attn_tp_group
+
+        group = get_attn_tp_group()
+    except Exception:  # noqa: BLE001 - no distributed state: a single process
+        return None
+    if group is None or group.world_size <= 1:
+        return None
+    try:
+        from sglang.srt.runtime_context import get_mm
+
+        if get_mm().mm_enable_dp_encoder:
+            return None
+    except Exception:  # noqa: BLE001 - no such mode in this SGLang: the tower is sharded
+        pass
+    return group.cpu_group
 
 
 def _metric_labels() -> dict[str, str]:

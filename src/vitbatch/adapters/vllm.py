@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vitbatch.core import Budget, EmbeddingCache, Item, Span, Totals, VitBatcher
+from vitbatch.core.agreement import Agree, group_agree
 from vitbatch.metrics import export_batcher
 
 if TYPE_CHECKING:
@@ -502,6 +503,7 @@ class _WorkerState:
         metadata: VitBatchStepMetadata,
         hidden_size: int | None = None,
         labels: Mapping[str, str] | None = None,
+        agree: Agree | None = None,
     ) -> None:
         labels = labels or {}
         # The device cache is vLLM's (runner.encoder_cache, governed by the
@@ -511,6 +513,7 @@ class _WorkerState:
             cache=EmbeddingCache(0),
             hidden_size=hidden_size,
             check_finite=metadata.check_finite,
+            agree=agree,
         )
         export_batcher(self.batcher, labels)
         self.host: dict[str, torch.Tensor] = {}
@@ -543,8 +546,12 @@ def _worker_state(runner: Any, metadata: VitBatchStepMetadata) -> _WorkerState:
         with _state_lock:
             state = getattr(runner, "_vitbatch_state", None)
             if state is None:
+                group = _agree_group(runner)
                 state = _WorkerState(
-                    metadata, _expected_hidden_size(runner), _metric_labels(runner)
+                    metadata,
+                    _expected_hidden_size(runner),
+                    _metric_labels(runner),
+                    group_agree(group) if group is not None else None,
                 )
                 runner._vitbatch_state = state
     state.configure(metadata)
@@ -558,6 +565,23 @@ def _expected_hidden_size(runner: Any) -> int | None:
     except Exception:  # noqa: BLE001 - unknown: the core learns it, carefully
         return None
     return width if isinstance(width, int) and width > 0 else None
+
+
+def _agree_group(runner: Any) -> Any:
+    """The CPU group of the TP ranks that share a sharded vision tower, or ``None``
+    (TP 1, or ``mm_encoder_tp_mode="data"``: each rank encodes its own share)."""
+    try:
+        if runner.model_config.multimodal_config.mm_encoder_tp_mode == "data":
+            return None
+    except Exception:  # noqa: BLE001 - no such option: the tower follows TP
+        pass
+    try:
+        from vllm.distributed import get_tp_group
+
+        group = get_tp_group()
+    except Exception:  # noqa: BLE001 - no distributed state: a single process
+        return None
+    return group.cpu_group if group.world_size > 1 else None
 
 
 def _metric_labels(runner: Any) -> dict[str, str]:

@@ -9,13 +9,20 @@ lives in :mod:`vitbatch.core.planner` and :mod:`vitbatch.core.validate`.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import pluggy
 import torch
 
+from vitbatch.core.agreement import (
+    Agree,
+    AgreedFallbackError,
+    CapacityProbe,
+    read_start,
+    start_flags,
+)
 from vitbatch.core.cache import EmbeddingCache, tensor_bytes
 from vitbatch.core.errors import AssemblyError, NoEncoderError, OutOfMemoryError
 from vitbatch.core.hooks import call_first_result, default_plugin_manager
@@ -75,6 +82,12 @@ class VitBatcher:
         modality for the life of the process.
     :param check_finite: also reject embeddings holding NaN/Inf (a debugging aid:
         it reads every value, so it costs a device sync per call).
+    :param agree: at tensor-parallel world size > 1, the MAX all-reduce over the
+        ranks sharing the vision tower (:func:`vitbatch.core.agreement.group_agree`):
+        every decision that changes the sequence of encoder calls is then agreed
+        (see :mod:`vitbatch.core.agreement`). ``None`` (world size 1): no agreement.
+    :param capacity: optional probe of the most cost one call can take now on this
+        rank; with ``agree`` the smallest over the ranks caps the step's calls.
     """
 
     def __init__(
@@ -85,12 +98,16 @@ class VitBatcher:
         *,
         hidden_size: int | Mapping[str, int] | None = None,
         check_finite: bool = False,
+        agree: Agree | None = None,
+        capacity: CapacityProbe | None = None,
     ) -> None:
         self.budget = budget or Budget()
         self.cache = cache if cache is not None else EmbeddingCache(DEFAULT_CACHE_BYTES)
         self.plugin_manager = plugin_manager or default_plugin_manager()
         self.offload = HostReferenceOffload()
         self.check_finite = check_finite
+        self.agree = agree
+        self.capacity = capacity
         self.totals = Totals()
         self.last_stats = StepStats()
         self.observers: list[StepObserver] = []
@@ -133,6 +150,8 @@ class VitBatcher:
         :param chunks: all requests of the scheduler step, in step order.
         :param engine_encoder: the engine's encoder, passed to the encode hook.
         """
+        if self.agree is not None:
+            return self._run_step_agreed(chunks, engine_encoder, self.agree)
         started = time.perf_counter()
         plan = plan_step(chunks, self.cache.__contains__, self.budget)
         stats = self._new_stats(plan, len(chunks), time.perf_counter() - started)
@@ -147,6 +166,93 @@ class VitBatcher:
         self._finish(stats)
         return StepResult(chunk_embeddings, stats)
 
+    def _run_step_agreed(
+        self, chunks: Sequence[RequestChunk], engine_encoder: EngineEncoder | None, agree: Agree
+    ) -> StepResult:
+        """:meth:`run_step` at world size > 1 (see :meth:`_agreed_embeddings`)."""
+        stats, plan, embeddings, failure = self._agreed_embeddings(
+            lambda is_cached, budget: plan_step(chunks, is_cached, budget),
+            len(chunks),
+            engine_encoder,
+            agree,
+        )
+        chunk_embeddings: list[torch.Tensor | None] = []
+        if failure is None:
+            started = time.perf_counter()
+            try:
+                chunk_embeddings = [
+                    self._assemble(chunk, items, embeddings) if items else None
+                    for chunk, items in zip(chunks, plan.needed)
+                ]
+            except Exception as error:  # noqa: BLE001 - agreed below, never acted on alone
+                failure = error
+            stats.assemble_seconds = time.perf_counter() - started
+        self._agree_outcome(agree, failure, stats)
+        return StepResult(chunk_embeddings, stats)
+
+    def _agreed_embeddings(
+        self,
+        planner: Callable[[Callable[[ItemKey], bool], Budget], StepPlan],
+        requests: int,
+        engine_encoder: EngineEncoder | None,
+        agree: Agree,
+    ) -> tuple[StepStats, StepPlan, dict[ItemKey, torch.Tensor], Exception | None]:
+        """Agree what to encode and how big a call may be, then make every planned
+        call — also after a failure, so the call sequence stays the same on every rank."""
+        started = time.perf_counter()
+        local = planner(self.cache.__contains__, self.budget)
+        keys = list(dict.fromkeys(item.key for items in local.needed for item in items))
+        usable: dict[ItemKey, torch.Tensor] = {}
+        host_hits_before = self.cache.stats.host_hits
+        with self.cache.hold(keys):
+            for key in local.hits:
+                try:
+                    cached = self.cache.get(key)
+                except Exception:  # noqa: BLE001 - a failed restore is a miss, agreed below
+                    cached = None
+                if cached is not None:
+                    usable[key] = cached
+            capacity = self.capacity() if self.capacity is not None else None
+            to_encode, agreed_capacity = read_start(
+                agree(start_flags(keys, set(usable), capacity)), keys
+            )
+            budget = self.budget
+            if agreed_capacity is not None and (
+                budget.max_cost is None or agreed_capacity < budget.max_cost
+            ):
+                budget = Budget(max(1, agreed_capacity), budget.max_items)
+            plan = planner(lambda key: key not in to_encode, budget)
+            stats = self._new_stats(plan, requests, time.perf_counter() - started)
+            stats.agreements = 1
+            stats.hits = len(plan.hits)
+            stats.host_hits = self.cache.stats.host_hits - host_hits_before
+            embeddings = {key: usable[key] for key in plan.hits}
+            failure: Exception | None = None
+            started = time.perf_counter()
+            for batch in plan.batches:
+                try:
+                    encoded = self._encode_once(batch, engine_encoder, stats)
+                except Exception as error:  # noqa: BLE001 - agreed after the calls
+                    failure = failure or error
+                    continue
+                for item, embedding in encoded:
+                    embeddings[item.key] = embedding
+                    if item.cacheable and self.expected_hidden_size(item.modality) is not None:
+                        self.cache.put(item.key, _own_storage(embedding))
+            stats.encode_seconds = time.perf_counter() - started
+        return stats, plan, embeddings, failure
+
+    def _agree_outcome(self, agree: Agree, failure: Exception | None, stats: StepStats) -> None:
+        """Agreement 2: if any rank failed, every rank raises (and the adapter falls back)."""
+        stats.agreements += 1
+        if agree([0 if failure is None else 1])[0]:
+            if failure is not None:
+                raise failure
+            raise AgreedFallbackError(
+                "another tensor-parallel rank failed this step; every rank falls back together"
+            )
+        self._finish(stats)
+
     def encode(
         self,
         items: Sequence[Item],
@@ -157,6 +263,15 @@ class VitBatcher:
         For engines that schedule encoder inputs and assemble chunks themselves
         (vLLM). The result has one entry per distinct key.
         """
+        if self.agree is not None:
+            stats, _, embeddings, failure = self._agreed_embeddings(
+                lambda is_cached, budget: plan_needed([items], is_cached, budget),
+                1,
+                engine_encoder,
+                self.agree,
+            )
+            self._agree_outcome(self.agree, failure, stats)
+            return embeddings
         started = time.perf_counter()
         plan = plan_needed([items], self.cache.__contains__, self.budget)
         stats = self._new_stats(plan, 1, time.perf_counter() - started)

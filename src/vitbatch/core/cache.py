@@ -187,6 +187,13 @@ class EmbeddingCache:
             self.stats.rejected += 1
         return stored
 
+    def discard(self, key: ItemKey) -> bool:
+        """Forget ``key`` in both tiers (an engine dropped it); whether it was there."""
+        found = self._device.pop(key) is not None
+        found = self._host.pop(key) is not None or found
+        self._home.pop(key, None)
+        return found
+
     def clear(self) -> None:
         self._device = _LruTier(self._device.capacity_bytes)
         self._host = _LruTier(self._host.capacity_bytes)
