@@ -1,4 +1,4 @@
-"""``vitbatch`` command line: ``bench`` and ``info``."""
+"""``vitbatch`` command line: ``bench``, ``bench-agree`` and ``info``."""
 
 from __future__ import annotations
 
@@ -17,11 +17,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "bench", help="compare per-request, unbounded and vitbatch encoding"
     )
     bench.add_arguments(bench_parser)
+    from vitbatch.bench import agree_cost
+
+    agree_parser = commands.add_parser(
+        "bench-agree", help="cost of the tensor-parallel agreement per step (CPU, gloo)"
+    )
+    agree_cost.add_arguments(agree_parser)
     commands.add_parser("info", help="versions, devices, engines, hook implementations, plugins")
 
     args = parser.parse_args(argv)
     if args.command == "bench":
         return bench.run(args)
+    if args.command == "bench-agree":
+        return agree_cost.run(args)
     from vitbatch.info import print_info
 
     print_info()
