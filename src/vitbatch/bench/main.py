@@ -38,6 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, help="write results as JSON here")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG plot here (needs matplotlib)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--engine",
+        default="core",
+        choices=("core", "sglang"),
+        help="core: vitbatch's core three ways; sglang: SGLang's own get_embedding_and_mask, native vs vitbatch",
+    )
+    parser.add_argument("--steps", type=int, default=20, help="--engine sglang: at least this many scheduler steps")
+    parser.add_argument("--cache-mb", type=int, default=100, help="--engine sglang: embedding cache per mode (MiB)")
 
 
 def _progress(total: int, disabled: bool):
@@ -51,6 +59,10 @@ def _progress(total: int, disabled: bool):
 def run(args: argparse.Namespace) -> int:
     from vitbatch.encoders.qwen_vision import build_encoder
 
+    if args.engine == "sglang":
+        from vitbatch.bench import sglang_engine
+
+        return sglang_engine.run(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
