@@ -4,6 +4,7 @@ stand-in the GPU run may need."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -15,9 +16,9 @@ import pytest
 
 mm_utils = pytest.importorskip("sglang.srt.managers.mm_utils")
 
-from vitbatch.bench import sgl_kernel_standin  # noqa: E402
-from vitbatch.bench.sglang_engine import engine_workload  # noqa: E402
-from vitbatch.bench.workload import WORKLOADS  # noqa: E402
+from vitbatch.bench import sgl_kernel_standin
+from vitbatch.bench.sglang_engine import engine_workload
+from vitbatch.bench.workload import WORKLOADS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,6 +56,7 @@ def test_engine_mode_runs_on_cpu_and_matches_native(tmp_path: Path) -> None:
         text=True,
         env=env,
         timeout=600,
+        check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -116,10 +118,8 @@ def test_sgl_kernel_standin_imports_and_fails_loudly() -> None:
         assert sgl_kernel_standin.calls() == []
         with pytest.raises(sgl_kernel_standin.StandInCalled, match="sgl_kernel.fp8_scaled_mm"):
             fp8_scaled_mm(1, 2)
-        try:  # a call swallowed by the caller is still on record
+        with contextlib.suppress(sgl_kernel_standin.StandInCalled):  # swallowed, still on record
             silu_and_mul()
-        except Exception:
-            pass
         assert sgl_kernel_standin.calls() == [
             "sgl_kernel.fp8_scaled_mm",
             "sgl_kernel.elementwise.silu_and_mul",
@@ -128,4 +128,4 @@ def test_sgl_kernel_standin_imports_and_fails_loudly() -> None:
         sgl_kernel_standin.uninstall()
     assert "sgl_kernel" not in sys.modules
     with pytest.raises(ImportError):
-        import sgl_kernel  # noqa: F401
+        import sgl_kernel

@@ -56,17 +56,17 @@ class _Module(types.ModuleType):
 
 
 class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, fullname, path=None, target=None):  # noqa: ANN001 - importlib's signature
+    def find_spec(self, fullname, path=None, target=None):
         if fullname == NAME or fullname.startswith(NAME + "."):
             return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
         return None
 
-    def create_module(self, spec):  # noqa: ANN001
+    def create_module(self, spec):
         module = _Module(spec.name)
         module.__path__ = []  # a package, so ``sgl_kernel.x`` submodules import too
         return module
 
-    def exec_module(self, module) -> None:  # noqa: ANN001
+    def exec_module(self, module) -> None:
         module.__version__ = "0.0.0+vitbatch-standin"
 
 
@@ -81,7 +81,7 @@ def install_if_missing() -> bool:
     try:
         __import__(NAME)
         return False
-    except Exception:  # ImportError, or an ABI error from a wheel built for another torch
+    except Exception:  # noqa: BLE001 - ImportError, or an ABI error from a wheel built for another torch
         for name in [n for n in sys.modules if n == NAME or n.startswith(NAME + ".")]:
             del sys.modules[name]
     _finder = _Finder()
