@@ -136,6 +136,8 @@ def run_workload(
         f"on {_device_name(device)}; vitbatch budget {budget.max_tokens} patches / {budget.max_items} items"
     )
     print(format_table(results, baseline="per-request" if "per-request" in args.modes else reference))
+    if "unbounded" in args.modes:
+        print("(unbounded: vitbatch's core with no budget, not SGLang's code; see --engine sglang)")
     print(
         "outputs equal across modes: "
         + ("yes" if equal else "NO")
