@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.metadata as metadata
 import re
 import sys
+from importlib import metadata
 
 IMPORTS = (
     "sglang.srt.managers.mm_schedule",
@@ -57,7 +57,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--have", required=True, help="file with the machine's package names")
     args = parser.parse_args()
-    text = open(args.have).read()
+    with open(args.have) as handle:
+        text = handle.read()
     have = {canonical(n) for n in re.split(r"[,\s]+", text) if n}
     for module in IMPORTS:
         importlib.import_module(module)

@@ -470,6 +470,30 @@ def run(args: argparse.Namespace) -> int:
     tolerance = TOLERANCE[dtype]
     reports = []
     ok = True
+
+    def write_json(complete: bool) -> None:
+        """Written after every workload too, so a run stopped at a time limit keeps its figures."""
+        if not args.json:
+            return
+        environment = {
+            "engine": "sglang",
+            "complete": complete,
+            "sglang": sglang_version,
+            "sgl_kernel_standin": standin,
+            "sgl_kernel_standin_calls": sgl_kernel_standin.calls(),
+            "encoder": args.encoder,
+            "device": _device_name(device),
+            "dtype": str(dtype),
+            "torch": torch.__version__,
+            "cuda_driver": _driver_version() if device.type == "cuda" else None,
+            "python": platform.python_version(),
+            "cache_mb": args.cache_mb,
+            "steps_min": args.steps,
+            "repeat": args.repeat,
+            "command": "vitbatch " + " ".join(sys.argv[1:]),
+        }
+        args.json.write_text(json.dumps({**environment, "workloads": reports}, indent=2))
+
     try:
         for name in args.workload:
             spec = WORKLOADS[name]
@@ -532,28 +556,14 @@ def run(args: argparse.Namespace) -> int:
                     },
                 }
             )
+            write_json(complete=False)
     finally:
         mm_schedule_restore(original)
     called = sgl_kernel_standin.calls()
     if called:
         ok = False
         print(f"FAILED: sgl_kernel stand-in names were called: {called}", file=sys.stderr)
-    environment = {
-        "engine": "sglang",
-        "sglang": sglang_version,
-        "sgl_kernel_standin": standin,
-        "sgl_kernel_standin_calls": called,
-        "encoder": args.encoder,
-        "device": _device_name(device),
-        "dtype": str(dtype),
-        "torch": torch.__version__,
-        "cuda_driver": _driver_version() if device.type == "cuda" else None,
-        "python": platform.python_version(),
-        "cache_mb": args.cache_mb,
-        "command": "vitbatch " + " ".join(sys.argv[1:]),
-    }
-    if args.json:
-        args.json.write_text(json.dumps({**environment, "workloads": reports}, indent=2))
+    write_json(complete=True)
     return 0 if ok else 1
 
 
