@@ -234,6 +234,14 @@ def _settings(cache_mb: int, max_cost: int, max_items: int):
     )
 
 
+def _budget_cost(args: argparse.Namespace) -> int:
+    """The bench's patch budget, whichever name its flag has (``--max-tokens`` / ``--max-cost``)."""
+    for name in ("max_cost", "max_patches", "max_tokens"):
+        if getattr(args, name, None) is not None:
+            return getattr(args, name)
+    raise AttributeError("the bench has no budget argument")
+
+
 class ModeState:
     """What one mode keeps across the steps of a pass: SGLang's cache and offload
     event, vitbatch's adapter state, the engine's items of each request."""
@@ -249,7 +257,7 @@ class ModeState:
         self.cache = MultiModalStaticCache(args.cache_mb * 2**20)
         self.event = None
         self.adapter = (
-            adapter.reset_state(_settings(args.cache_mb, args.max_tokens, args.max_items))
+            adapter.reset_state(_settings(args.cache_mb, _budget_cost(args), args.max_items))
             if mode == "vitbatch"
             else None
         )
@@ -267,8 +275,8 @@ class ModeState:
         mm_schedule.embedding_cache = self.cache
         mm_schedule.host_offload_event = self.event
         mm_schedule._get_chunked_prefill_embedding = self.function
-        if self.adapter is not None:
-            adapter._state = self.adapter  # the hook reads the process's state
+        if self.adapter is not None and adapter.get_state() is not self.adapter:
+            raise RuntimeError("another vitbatch adapter state replaced this mode's")
 
     def leave(self) -> None:
         from sglang.srt.managers import mm_schedule
