@@ -14,7 +14,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vitbatch.bench import main as bench
 
     bench_parser = commands.add_parser(
-        "bench", help="compare per-request, unbounded and vitbatch encoding"
+        "bench",
+        help="compare per-request, unbounded and vitbatch encoding "
+        "(--engine sglang: SGLang native vs vitbatch)",
     )
     bench.add_arguments(bench_parser)
     from vitbatch.bench import agree_cost

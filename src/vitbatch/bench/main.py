@@ -55,6 +55,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--plot", type=Path, default=None, help="write a PNG plot here (needs matplotlib)"
     )
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--engine",
+        default="core",
+        choices=("core", "sglang"),
+        help="core: vitbatch's core three ways; "
+        "sglang: SGLang's own get_embedding_and_mask, native vs vitbatch",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=20, help="--engine sglang: at least this many scheduler steps"
+    )
+    parser.add_argument(
+        "--cache-mb", type=int, default=100, help="--engine sglang: embedding cache per mode (MiB)"
+    )
 
 
 def _progress(total: int, disabled: bool):
@@ -68,6 +81,10 @@ def _progress(total: int, disabled: bool):
 def run(args: argparse.Namespace) -> int:
     from vitbatch.encoders.qwen_vision import build_encoder
 
+    if args.engine == "sglang":
+        from vitbatch.bench import sglang_engine
+
+        return sglang_engine.run(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -159,6 +176,8 @@ def run_workload(
     print(
         format_table(results, baseline="per-request" if "per-request" in args.modes else reference)
     )
+    if "unbounded" in args.modes:
+        print("(unbounded: vitbatch's core with no budget, not SGLang's code; see --engine sglang)")
     print(
         "outputs equal across modes: "
         + ("yes" if equal else "NO")

@@ -3,7 +3,8 @@
 Modes, all through the same core so only the grouping of misses differs:
 
 - ``per-request``: one encoder call per request and step (the legacy path);
-- ``unbounded``: every miss of the step in one call (SGLang's native CUDA path);
+- ``unbounded``: every miss of the step in one call, through vitbatch's core with no
+  budget (the grouping SGLang uses natively, not SGLang's code: see ``--engine sglang``);
 - ``vitbatch``: the planner with its token budget, pinned staging, non-blocking copies.
 
 Each mode first makes an untimed pass that also warms up and records its

@@ -47,6 +47,9 @@ WORKLOADS: dict[str, WorkloadSpec] = {
     "tiny": WorkloadSpec(64, (2, 2), (224,)),
     "mixed": WorkloadSpec(32, (1, 4), (224, 448, 672, 896, 1120)),
     "large": WorkloadSpec(8, (1, 1), (1344,)),
+    # mixed, prefilled in chunks of 2048 tokens per request and step (SGLang's default chunk size
+    # is larger per batch; per request this cuts the larger images across steps).
+    "mixed-chunked": WorkloadSpec(32, (1, 4), (224, 448, 672, 896, 1120), chunk_tokens=2048),
 }
 
 
