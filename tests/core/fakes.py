@@ -7,12 +7,12 @@ would produce different numbers than encoding each item alone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 
 from vitbatch import hookimpl
-from vitbatch.core import Item, Span
+from vitbatch.core import Item, RequestChunk, Span
 
 HIDDEN = 6
 IN_DIM = 3
@@ -73,3 +73,25 @@ class ListEncoder(ConcatEncoder):
     def vitbatch_encode_batch(self, items: Sequence[Item]) -> list[torch.Tensor]:
         self.calls.append(list(items))
         return [encode_one(item.features) for item in items]
+
+
+def oracle_rows(
+    chunk: RequestChunk, embedding_of: Callable[[Hashable, int], torch.Tensor]
+) -> torch.Tensor | None:
+    """The naive oracle: walk every placeholder position, keep those in the window, in
+    position order, each taken from its item's whole embedding (``embedding_of(hash, n)``)."""
+    picked = []  # (position, key, row)
+    for item in chunk.items:
+        row = 0
+        for span in item.spans:
+            for position in range(span.offset, span.end):
+                if chunk.window.start <= position < chunk.window.end:
+                    picked.append((position, (item.hash, item.num_tokens), row))
+                row += 1
+    if not picked:
+        return None
+    picked.sort()
+    keys = {key for _, key, _ in picked}
+    if len(keys) == 1:
+        return embedding_of(*picked[0][1])[[row for _, _, row in picked]]
+    return torch.stack([embedding_of(*key)[row] for _, key, row in picked])

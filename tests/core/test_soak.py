@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
+from tests.core import fakes
 from tests.core.fakes import HIDDEN, encode_one, features_for
 from vitbatch import hookimpl
 from vitbatch.core import (
@@ -83,21 +84,7 @@ def random_step(rng: random.Random) -> list[RequestChunk]:
 
 
 def oracle_rows(chunk: RequestChunk) -> torch.Tensor | None:
-    """Walk every placeholder position; keep those in the window, in position order."""
-    picked = []  # (position, item's embedding, row)
-    for item in chunk.items:
-        row = 0
-        for span in item.spans:
-            for position in range(span.offset, span.end):
-                if chunk.window.start <= position < chunk.window.end:
-                    picked.append((position, (item.hash, item.num_tokens), row))
-                row += 1
-    if not picked:
-        return None
-    picked.sort()
-    if len({key for _, key, _ in picked}) == 1:
-        return ORACLE[picked[0][1]][[row for _, _, row in picked]]
-    return torch.stack([ORACLE[key][row] for _, key, row in picked])
+    return fakes.oracle_rows(chunk, lambda h, n: ORACLE[(h, n)])
 
 
 def assert_cache_clean(cache: EmbeddingCache) -> None:

@@ -17,6 +17,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from tests.core import fakes
 from tests.core.fakes import HIDDEN, encode_one, features_for
 from vitbatch import hookimpl
 from vitbatch.core import EmbeddingCache, Item, RequestChunk, Span, VitBatcher, Window
@@ -82,16 +83,7 @@ def steps(seed: int, count: int):
 
 
 def oracle_rows(chunk: RequestChunk) -> torch.Tensor | None:
-    picked = []
-    for item in chunk.items:
-        row = 0
-        for span in item.spans:
-            for position in range(span.offset, span.end):
-                if chunk.window.start <= position < chunk.window.end:
-                    picked.append((position, (item.hash, item.num_tokens), row))
-                row += 1
-    picked.sort()
-    return torch.stack([ORACLE[key][row] for _, key, row in picked]) if picked else None
+    return fakes.oracle_rows(chunk, lambda h, n: ORACLE[(h, n)])
 
 
 def main(rank: int, world: int, init_file: str, out_file: str, count: int, agree: bool) -> None:

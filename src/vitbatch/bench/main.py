@@ -70,6 +70,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """``--device`` and ``--dtype`` (float32 on CPU, bfloat16 on CUDA unless given)."""
+    device = torch.device(args.device)
+    if args.dtype:
+        return device, DTYPES[args.dtype]
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def _progress(total: int, disabled: bool):
     try:
         from tqdm import tqdm
@@ -87,12 +95,7 @@ def run(args: argparse.Namespace) -> int:
         return sglang_engine.run(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = (
-        DTYPES[args.dtype]
-        if args.dtype
-        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    )
+    device, dtype = device_and_dtype(args)
     torch.manual_seed(args.seed)
     model = build_encoder(args.encoder, device, dtype)
     reports = [run_workload(args, name, model, device, dtype) for name in args.workload]

@@ -450,21 +450,16 @@ def format_table(results: Sequence[EngineResult]) -> str:
 def run(args: argparse.Namespace) -> int:
     """Entry of ``vitbatch bench --engine sglang``; 0 when every step matched and nothing fell
     back."""
-    from vitbatch.bench.main import DTYPES, TOLERANCE, _device_name, _driver_version
+    from vitbatch.bench.main import TOLERANCE, _device_name, _driver_version, device_and_dtype
     from vitbatch.encoders.qwen_vision import build_encoder
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device, dtype = device_and_dtype(args)
     standin = sgl_kernel_standin.install_if_missing() if device.type == "cuda" else False
     from sglang.srt.managers import mm_schedule  # noqa: F401 - after the stand-in, if any
     from sglang.version import __version__ as sglang_version
 
-    dtype = (
-        DTYPES[args.dtype]
-        if args.dtype
-        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    )
     torch.manual_seed(args.seed)
     model = build_encoder(args.encoder, device, dtype)
     config = model.config
