@@ -10,14 +10,14 @@ import torch
 pytest.importorskip("vllm")
 encoder_runner = pytest.importorskip("vllm.v1.worker.gpu.mm.encoder_runner")
 
-from vllm.multimodal.inputs import (  # noqa: E402
+from vllm.multimodal.inputs import (
     MultiModalBatchedField,
     MultiModalFieldElem,
     MultiModalKwargsItem,
 )
 
-from vitbatch.adapters import vllm_v2  # noqa: E402
-from vitbatch.core import Budget  # noqa: E402
+from vitbatch.adapters import vllm_v2
+from vitbatch.core import Budget
 
 HIDDEN = 8
 
@@ -80,7 +80,7 @@ def test_v2_outputs_equal_vllm_and_are_micro_batched(patched, monkeypatch) -> No
     scheduled = {req: list(range(2)) for req in features}
     runner = _runner(features)
     monkeypatch.setattr(vllm_v2, "DEFAULT_BUDGET", Budget(6, 2))  # 2 items (3 rows each) per call
-    hashes, kwargs = runner.prepare_mm_inputs(scheduled)
+    _, kwargs = runner.prepare_mm_inputs(scheduled)
     got = runner.execute_mm_encoder(kwargs)
     original = encoder_runner.EncoderRunner.execute_mm_encoder.__vitbatch_original__
     want = original(_runner(features), kwargs)

@@ -217,7 +217,7 @@ def uninstall_v2_patch() -> None:
 def v2_stats() -> dict[str, Any]:
     """V2 counters summed over this process's encoder runners."""
     total = V2Stats()
-    for state in list(_states):
+    for state in _states[:]:  # a copy: runners may be added meanwhile
         for name in ("steps", "items", "encoder_calls", "graph_steps", "fallbacks", "unmatched"):
             setattr(total, name, getattr(total, name) + getattr(state.stats, name))
         for key, value in state.stats.reasons.items():
