@@ -861,6 +861,9 @@ def install_worker_patch() -> bool:
             current = getattr(GPUModelRunner, name)
             if not hasattr(current, "__vitbatch_original__"):
                 setattr(GPUModelRunner, name, wrap(current))
+    from vitbatch.adapters.vllm_v2 import install_v2_patch
+
+    install_v2_patch()  # Model Runner V2 (GPU default); False where this vLLM lacks it
     return True
 
 
