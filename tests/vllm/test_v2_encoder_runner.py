@@ -10,14 +10,14 @@ import torch
 pytest.importorskip("vllm")
 encoder_runner = pytest.importorskip("vllm.v1.worker.gpu.mm.encoder_runner")
 
-from vllm.multimodal.inputs import (
+from vllm.multimodal.inputs import (  # noqa: E402 - after the importorskip
     MultiModalBatchedField,
     MultiModalFieldElem,
     MultiModalKwargsItem,
 )
 
-from vitbatch.adapters import vllm_v2
-from vitbatch.core import Budget
+from vitbatch.adapters import vllm_v2  # noqa: E402
+from vitbatch.core import Budget  # noqa: E402
 
 HIDDEN = 8
 
