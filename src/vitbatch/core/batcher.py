@@ -103,7 +103,9 @@ class VitBatcher:
     ) -> None:
         self.budget = budget or Budget()
         self.cache = cache if cache is not None else EmbeddingCache(DEFAULT_CACHE_BYTES)
-        self.plugin_manager = plugin_manager or default_plugin_manager()
+        self.plugin_manager = (
+            plugin_manager if plugin_manager is not None else default_plugin_manager()
+        )
         self.offload = HostReferenceOffload()
         self.check_finite = check_finite
         self.agree = agree
