@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 
 # Bucket upper bounds (inclusive); one more bucket counts everything above the last.
 COST_BUCKETS: tuple[float, ...] = tuple(float(2**k) for k in range(4, 18))  # 16 .. 131072
@@ -129,11 +129,7 @@ class Totals:
     def add(self, step: StepStats) -> None:
         """Fold one step into the totals."""
         self.steps += 1
-        for name in (
-            "requests", "items", "hits", "host_hits", "misses", "deduplicated",
-            "encoder_calls", "oom_splits", "agreements", "plan_seconds", "encode_seconds",
-            "assemble_seconds", "d2h_copies_avoided", "d2h_bytes_avoided",
-        ):  # fmt: skip
+        for name in _STEP_COUNTERS:
             setattr(self, name, getattr(self, name) + getattr(step, name))
         self.encoded_tokens += sum(step.tokens_per_call)
         self.encoded_cost += sum(step.cost_per_call)
@@ -172,3 +168,11 @@ class Totals:
                 value = dict(value)
             out[f.name] = value
         return out
+
+
+_STEP_COUNTERS = tuple(
+    f.name
+    for f in fields(StepStats)
+    if f.default_factory is MISSING  # the non-list fields
+)
+"""The :class:`StepStats` counters :class:`Totals` sums as they are (one name in both)."""
