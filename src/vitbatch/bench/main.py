@@ -78,6 +78,20 @@ def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtyp
     return device, torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def run_environment(
+    args: argparse.Namespace, device: torch.device, dtype: torch.dtype
+) -> dict[str, object]:
+    """What a result JSON records about where it ran (both bench engines)."""
+    return {
+        "encoder": args.encoder,
+        "device": _device_name(device),
+        "dtype": str(dtype),
+        "torch": torch.__version__,
+        "cuda_driver": _driver_version() if device.type == "cuda" else None,
+        "python": platform.python_version(),
+    }
+
+
 def _progress(total: int, disabled: bool):
     try:
         from tqdm import tqdm
@@ -100,12 +114,7 @@ def run(args: argparse.Namespace) -> int:
     model = build_encoder(args.encoder, device, dtype)
     reports = [run_workload(args, name, model, device, dtype) for name in args.workload]
     environment = {
-        "encoder": args.encoder,
-        "device": _device_name(device),
-        "dtype": str(dtype),
-        "torch": torch.__version__,
-        "cuda_driver": _driver_version() if device.type == "cuda" else None,
-        "python": platform.python_version(),
+        **run_environment(args, device, dtype),
         "command": "vitbatch bench " + " ".join(sys.argv[2:])
         if sys.argv[1:2] == ["bench"]
         else None,

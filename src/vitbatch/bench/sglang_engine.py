@@ -26,7 +26,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import random
 import sys
 import time
@@ -450,7 +449,7 @@ def format_table(results: Sequence[EngineResult]) -> str:
 def run(args: argparse.Namespace) -> int:
     """Entry of ``vitbatch bench --engine sglang``; 0 when every step matched and nothing fell
     back."""
-    from vitbatch.bench.main import TOLERANCE, _device_name, _driver_version, device_and_dtype
+    from vitbatch.bench.main import TOLERANCE, _device_name, device_and_dtype, run_environment
     from vitbatch.encoders.qwen_vision import build_encoder
 
     if args.threads:
@@ -479,12 +478,7 @@ def run(args: argparse.Namespace) -> int:
             "sglang": sglang_version,
             "sgl_kernel_standin": standin,
             "sgl_kernel_standin_calls": sgl_kernel_standin.calls(),
-            "encoder": args.encoder,
-            "device": _device_name(device),
-            "dtype": str(dtype),
-            "torch": torch.__version__,
-            "cuda_driver": _driver_version() if device.type == "cuda" else None,
-            "python": platform.python_version(),
+            **run_environment(args, device, dtype),
             "cache_mb": args.cache_mb,
             "steps_min": args.steps,
             "repeat": args.repeat,
