@@ -25,7 +25,7 @@ from vllm.v1.request import Request
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vitbatch.adapters import vllm as adapter
-from vitbatch.adapters.vllm import VitBatchStepMetadata, VllmOptions
+from vitbatch.adapters.vllm import VitBatchStepMetadata, VllmOptions, scheduler, surface, worker
 
 Manager = adapter.VitBatchEncoderCacheManager
 BIG_BUDGET = 10**9
@@ -92,7 +92,7 @@ def assert_accounting(manager) -> None:
 
 def test_manager_is_vllms_encoder_cache_manager() -> None:
     assert issubclass(Manager, EncoderCacheManager)
-    assert Manager.__module__ == "vitbatch.adapters.vllm"
+    assert Manager.__module__ == "vitbatch.adapters.vllm.scheduler"
     # vLLM resolves it by qualified name.
     from vllm.utils.import_utils import resolve_obj_by_qualname
 
@@ -114,7 +114,7 @@ def test_vllm_serve_flag_names_the_manager() -> None:
     args = parser.parse_args(["--model", "m", "--ec-manager-config", json.dumps(config)])
     ec_config = args.ec_manager_config  # the parser builds vLLM's EncoderCacheManagerConfig
     assert ec_config.get_encoder_cache_manager_obj() is Manager
-    assert VllmOptions.from_manager_config(ec_config.manager_config).max_batch_patches == 4096
+    assert VllmOptions.parse(ec_config.manager_config, "x").max_batch_patches == 4096
 
 
 def test_evicted_entry_is_demoted_then_restored_as_cached() -> None:
@@ -249,33 +249,66 @@ def test_reset_clears_the_host_tier_everywhere() -> None:
 
 
 def test_options() -> None:
-    options = VllmOptions.from_manager_config({"max_batch_patches": 64, "host_cache_bytes": 1000})
+    options = VllmOptions.parse({"max_batch_patches": 64, "host_cache_bytes": 1000}, "t")
     assert options.budget.max_cost == 64 and options.host_capacity_embeds(10) == 100
-    assert VllmOptions.from_manager_config({"host_cache_embeds": 7}).host_capacity_embeds(10) == 7
-    with pytest.raises(ValueError, match="unknown manager_config key.*'max_tokens'"):
-        VllmOptions.from_manager_config({"max_tokens": 1})
-    with pytest.raises(ValueError, match="max_cost must be positive"):
-        VllmOptions.from_manager_config({"max_batch_patches": 0})
+    assert VllmOptions.parse({"host_cache_embeds": 7}, "t").host_capacity_embeds(10) == 7
+    assert VllmOptions.parse({"max_batch_patches": None}, "t").budget.max_cost is None
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"max_tokens": 1}, r"in SRC: unknown key\(s\) \['max_tokens'\]; expected some of"),
+        ({"max_batch_patches": 0}, "max_batch_patches in SRC: got 0; expected an integer >= 1"),
+        ({"max_batch_items": -2}, "max_batch_items in SRC: got -2; expected an integer >= 1"),
+        ({"max_batch_patches": "4k"}, "max_batch_patches in SRC: got '4k'"),
+        ({"host_cache_bytes": -1}, "host_cache_bytes in SRC: got -1; expected an integer >= 0"),
+        ({"host_cache_bytes": None}, "host_cache_bytes in SRC: got None"),
+        ({"check_finite": "yes"}, "check_finite in SRC: got 'yes'; expected true or false"),
+        ([1, 2], "in SRC: expected a JSON object"),
+    ],
+)
+def test_bad_option_names_option_source_and_what_is_allowed(config, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        VllmOptions.parse(config, "SRC")
 
 
 def _patched() -> bool:
     return hasattr(GPUModelRunner._execute_mm_encoder, "__vitbatch_original__")
 
 
-def test_register_is_idempotent_and_patches_nothing() -> None:
-    adapter.uninstall_worker_patch()
+def test_register_is_idempotent_and_wraps_only_the_scheduler() -> None:
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    worker.uninstall_worker_patches()
     adapter.register()
     adapter.register()
     assert not _patched()
+    init = Scheduler.__init__
+    assert hasattr(init, "__vitbatch_original__")
+    assert not hasattr(init.__vitbatch_original__, "__vitbatch_original__")
 
 
 def test_metadata_arriving_in_a_worker_installs_the_patch_once() -> None:
-    adapter.uninstall_worker_patch()
+    worker.uninstall_worker_patches()
     metadata = pickle.loads(pickle.dumps(VitBatchStepMetadata(restore=("x",))))
     assert metadata.restore == ("x",) and _patched()
     original = GPUModelRunner._execute_mm_encoder.__vitbatch_original__
-    adapter.install_worker_patch()
+    worker.install_worker_patches()
     assert GPUModelRunner._execute_mm_encoder.__vitbatch_original__ is original
+
+
+def test_metadata_travels_on_versions_without_ec_manager_metadata() -> None:
+    """vLLM 0.26's SchedulerOutput has no field for it: an attribute, pickled along."""
+    from vitbatch.adapters.vllm import metadata as transport
+
+    output = SimpleNamespace(free_encoder_mm_hashes=[])
+    transport.attach(output, VitBatchStepMetadata(demote=("d",)))
+    assert pickle.loads(pickle.dumps(output)).vitbatch_metadata.demote == ("d",)
+    carried = SimpleNamespace(ec_manager_metadata=VitBatchStepMetadata(drop=("x",)))
+    transport.attach(carried, VitBatchStepMetadata(drop=("y",)))  # vLLM's own route wins
+    assert transport.read(carried).drop == ("x",) and not hasattr(carried, "vitbatch_metadata")
+    assert transport.read(SimpleNamespace(ec_manager_metadata=None)) is None
 
 
 # -- worker side -------------------------------------------------------------
@@ -285,14 +318,21 @@ def fake_runner() -> SimpleNamespace:
     return SimpleNamespace(encoder_cache={}, device=torch.device("cpu"))
 
 
+def _vllm_frees(runner, scheduler_output) -> None:
+    """What vLLM's ``_update_states`` does with the encoder cache (the rest needs a model)."""
+    for mm_hash in scheduler_output.free_encoder_mm_hashes:
+        runner.encoder_cache.pop(mm_hash, None)
+
+
 def process(runner, freed, metadata) -> None:
-    GPUModelRunner._process_encoder_cache_scheduler_output(
+    """vitbatch's V1 ``_update_states`` wrapper around vLLM's freeing."""
+    worker._v1_update_states(_vllm_frees)(
         runner, SimpleNamespace(free_encoder_mm_hashes=list(freed), ec_manager_metadata=metadata)
     )
 
 
 def test_worker_without_vitbatch_metadata_frees_like_vllm() -> None:
-    adapter.install_worker_patch()
+    worker.install_worker_patches()
     runner = fake_runner()
     runner.encoder_cache.update(a=torch.ones(2, 2), b=torch.ones(2, 2))
     process(runner, ["a"], None)
@@ -300,7 +340,6 @@ def test_worker_without_vitbatch_metadata_frees_like_vllm() -> None:
 
 
 def test_worker_mirrors_demote_restore_drop() -> None:
-    adapter.install_worker_patch()
     runner = fake_runner()
     a = torch.randn(3, 4)
     runner.encoder_cache.update(a=a, b=torch.randn(2, 4))
@@ -334,9 +373,8 @@ SIZES = {f"h{i}": size for i, size in enumerate([3, 5, 8, 2, 6, 4, 7])}
 def test_worker_always_holds_what_the_scheduler_counts_as_cached(
     steps, cache_size, host_capacity
 ) -> None:
-    """Model-based: scheduler manager + real worker patch; every cached hash is on the
+    """Model-based: scheduler manager + the worker's tier moves; every cached hash is on the
     'device' with its content."""
-    adapter.install_worker_patch()
     manager = Manager(cache_size=cache_size, host_capacity_embeds=host_capacity)
     runner = fake_runner()
     content = {h: torch.full((n, 2), float(i)) for i, (h, n) in enumerate(SIZES.items())}
@@ -367,7 +405,9 @@ def test_worker_always_holds_what_the_scheduler_counts_as_cached(
 
 def fake_vllm_config(manager_config=None, *, v2=False, encoder_decoder=False) -> SimpleNamespace:
     return SimpleNamespace(
-        ec_manager_config=SimpleNamespace(manager_config=manager_config or {}),
+        ec_manager_config=SimpleNamespace(
+            encoder_cache_manager_cls=adapter.MANAGER_QUALNAME, manager_config=manager_config or {}
+        ),
         model_config=SimpleNamespace(
             is_encoder_decoder=encoder_decoder, get_hidden_size=lambda: 16, dtype=torch.bfloat16
         ),
@@ -384,23 +424,86 @@ def test_create_manager_sizes_the_host_tier_from_bytes() -> None:
     assert _patched()
 
 
-def test_create_manager_stays_out_where_the_worker_is_not_driven() -> None:
+def test_create_manager_leaves_encoder_decoder_models_to_vllm() -> None:
     from vllm.v1.core.encoder_cache_manager import EncoderDecoderCacheManager
 
     v2 = Manager.create_manager(cache_size=10, vllm_config=fake_vllm_config(v2=True))
-    assert type(v2) is EncoderCacheManager and v2.get_manager_metadata() is None
+    assert isinstance(v2, Manager)  # Model Runner V2 is driven too
     encdec = Manager.create_manager(
         cache_size=10, vllm_config=fake_vllm_config(encoder_decoder=True)
     )
     assert type(encdec) is EncoderDecoderCacheManager
-    with pytest.raises(ValueError, match="unknown manager_config key"):
+    with pytest.raises(ValueError, match="unknown key"):
         Manager.create_manager(cache_size=10, vllm_config=fake_vllm_config({"nope": 1}))
 
 
 def test_old_option_name_is_an_alias_with_a_warning(caplog) -> None:
     with caplog.at_level("WARNING", logger="vllm.vitbatch"):
-        options = VllmOptions.from_manager_config({"max_batch_tokens": 512})
+        options = VllmOptions.parse({"max_batch_tokens": 512}, "t")
     assert options.max_batch_patches == 512
     assert "max_batch_tokens is now max_batch_patches" in caplog.text
     with pytest.raises(ValueError, match="give max_batch_patches only"):
-        VllmOptions.from_manager_config({"max_batch_tokens": 512, "max_batch_patches": 256})
+        VllmOptions.parse({"max_batch_tokens": 512, "max_batch_patches": 256}, "t")
+
+
+# -- the switch ----------------------------------------------------------------
+
+
+def fake_scheduler(additional_config=None) -> SimpleNamespace:
+    config = fake_vllm_config()
+    config.ec_manager_config = None
+    config.additional_config = additional_config or {}
+    return SimpleNamespace(vllm_config=config, encoder_cache_manager=EncoderCacheManager(32))
+
+
+def test_additional_config_switches_vitbatch_on(monkeypatch) -> None:
+    monkeypatch.delenv(adapter.ENV_VAR, raising=False)
+    off = fake_scheduler()
+    assert not scheduler.enable_on(off) and type(off.encoder_cache_manager) is EncoderCacheManager
+    on = fake_scheduler({"vitbatch": {"max_batch_patches": 2048, "host_cache_embeds": 9}})
+    assert scheduler.enable_on(on)
+    manager = on.encoder_cache_manager
+    assert isinstance(manager, Manager) and manager.cache_size == 32 and manager.host.capacity == 9
+    assert manager.get_manager_metadata().max_batch_patches == 2048
+    assert scheduler.enable_on(on) and on.encoder_cache_manager is manager  # idempotent
+    assert not scheduler.enable_on(fake_scheduler({"vitbatch": False}))
+
+
+def test_environment_switch(monkeypatch) -> None:
+    monkeypatch.setenv(adapter.ENV_VAR, '{"max_batch_items": 3}')
+    on = fake_scheduler()
+    assert scheduler.enable_on(on)
+    assert on.encoder_cache_manager.options.max_batch_items == 3
+    monkeypatch.setenv(adapter.ENV_VAR, "1")
+    assert scheduler.enable_on(fake_scheduler())
+    monkeypatch.setenv(adapter.ENV_VAR, "{oops")
+    with pytest.raises(ValueError, match="VITBATCH_VLLM='{oops' is not JSON"):
+        scheduler.enable_on(fake_scheduler())
+
+
+def test_bad_option_stops_start_up_naming_the_option(monkeypatch) -> None:
+    monkeypatch.delenv(adapter.ENV_VAR, raising=False)
+    with pytest.raises(ValueError, match='max_batch_patches in --additional-config "vitbatch"'):
+        scheduler.enable_on(fake_scheduler({"vitbatch": {"max_batch_patches": -5}}))
+
+
+def test_missing_engine_surface_leaves_vllm_alone_with_one_line(monkeypatch, caplog) -> None:
+    monkeypatch.delenv(adapter.ENV_VAR, raising=False)
+    report = surface.SurfaceReport(
+        "9.9", {"scheduler": ("EncoderCacheManager().freeable",), "runner_v1": (), "runner_v2": ()}
+    )
+    monkeypatch.setattr(surface, "check", lambda: report)
+    on = fake_scheduler({"vitbatch": {}})
+    with caplog.at_level("WARNING", logger="vllm.vitbatch"):
+        assert not scheduler.enable_on(on)
+    assert type(on.encoder_cache_manager) is EncoderCacheManager
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "vitbatch: off, vLLM runs unchanged: vLLM 9.9 lacks EncoderCacheManager().freeable "
+        "(needed for vitbatch's scheduler)"
+    ]
+
+
+def test_installed_vllm_has_the_whole_surface() -> None:
+    report = surface.check()
+    assert report.missing == {"scheduler": (), "runner_v1": (), "runner_v2": ()}, report

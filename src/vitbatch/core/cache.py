@@ -14,18 +14,16 @@ so nothing is lost, and the byte bound is never exceeded.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from vitbatch.core.host_tier import LruTier, tensor_bytes, to_host
 from vitbatch.core.items import ItemKey
 
-
-def tensor_bytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
+__all__ = ["CacheStats", "EmbeddingCache", "tensor_bytes"]
 
 
 @dataclass
@@ -41,52 +39,8 @@ class CacheStats:
     host_evictions: int = 0
 
 
-class _LruTier:
-    """One byte-bounded LRU map; the caller decides what eviction means."""
-
-    def __init__(self, capacity_bytes: int) -> None:
-        self.capacity_bytes = capacity_bytes
-        self.used_bytes = 0
-        self.entries: OrderedDict[ItemKey, torch.Tensor] = OrderedDict()
-
-    def __contains__(self, key: ItemKey) -> bool:
-        return key in self.entries
-
-    def pop(self, key: ItemKey) -> torch.Tensor | None:
-        tensor = self.entries.pop(key, None)
-        if tensor is not None:
-            self.used_bytes -= tensor_bytes(tensor)
-        return tensor
-
-    def make_room(
-        self, size: int, protected: set[ItemKey]
-    ) -> list[tuple[ItemKey, torch.Tensor]] | None:
-        """Evict least-recently-used unprotected entries until ``size`` bytes fit.
-
-        :returns: the evicted entries, or ``None`` (and nothing evicted) if
-            ``size`` cannot fit without touching protected entries.
-        """
-        if size > self.capacity_bytes:
-            return None
-        need = self.used_bytes + size - self.capacity_bytes
-        if need <= 0:
-            return []
-        victims = []
-        freed = 0
-        for key, tensor in self.entries.items():
-            if key in protected:
-                continue
-            victims.append(key)
-            freed += tensor_bytes(tensor)
-            if freed >= need:
-                break
-        if freed < need:
-            return None
-        return [(key, self.pop(key)) for key in victims]  # type: ignore[misc]
-
-    def insert(self, key: ItemKey, tensor: torch.Tensor) -> None:
-        self.entries[key] = tensor
-        self.used_bytes += tensor_bytes(tensor)
+def _tier(capacity_bytes: int) -> LruTier[ItemKey, torch.Tensor]:
+    return LruTier(capacity_bytes, tensor_bytes)
 
 
 class EmbeddingCache:
@@ -102,8 +56,8 @@ class EmbeddingCache:
     def __init__(self, capacity_bytes: int, host_capacity_bytes: int = 0) -> None:
         if capacity_bytes < 0 or host_capacity_bytes < 0:
             raise ValueError("cache capacities must be >= 0")
-        self._device = _LruTier(capacity_bytes)
-        self._host = _LruTier(host_capacity_bytes)
+        self._device = _tier(capacity_bytes)
+        self._host = _tier(host_capacity_bytes)
         self._held: set[ItemKey] = set()
         self._home: dict[ItemKey, torch.device] = {}
         self.stats = CacheStats()
@@ -111,19 +65,19 @@ class EmbeddingCache:
     # -- sizes ---------------------------------------------------------------
     @property
     def capacity_bytes(self) -> int:
-        return self._device.capacity_bytes
+        return self._device.capacity
 
     @property
     def host_capacity_bytes(self) -> int:
-        return self._host.capacity_bytes
+        return self._host.capacity
 
     @property
     def used_bytes(self) -> int:
-        return self._device.used_bytes
+        return self._device.used
 
     @property
     def host_used_bytes(self) -> int:
-        return self._host.used_bytes
+        return self._host.used
 
     def __len__(self) -> int:
         return len(self._device.entries) + len(self._host.entries)
@@ -157,9 +111,9 @@ class EmbeddingCache:
         A host-tier hit is copied back to the device the entry came from and,
         if it fits, promoted to the device tier.
         """
-        tensor = self._device.entries.get(key)
+        tensor = self._device.peek(key)
         if tensor is not None:
-            self._device.entries.move_to_end(key)
+            self._device.touch(key)
             self.stats.hits += 1
             return tensor
         host = self._host.pop(key)
@@ -171,13 +125,13 @@ class EmbeddingCache:
         home = self._home.get(key, host.device)
         tensor = host.to(home, non_blocking=True) if home != host.device else host
         if not self._store_device(key, tensor):
-            self._host.insert(key, host)  # keep it for next time
+            self._host.put(key, host)  # keep it for next time (its room was just freed)
         return tensor
 
     def put(self, key: ItemKey, tensor: torch.Tensor) -> bool:
         """Store ``tensor`` under ``key``. Returns whether it was stored."""
         if key in self._device:
-            self._device.entries.move_to_end(key)
+            self._device.touch(key)
             return True
         self._host.pop(key)
         stored = self._store_device(key, tensor)
@@ -195,25 +149,24 @@ class EmbeddingCache:
         return found
 
     def clear(self) -> None:
-        self._device = _LruTier(self._device.capacity_bytes)
-        self._host = _LruTier(self._host.capacity_bytes)
+        self._device = _tier(self._device.capacity)
+        self._host = _tier(self._host.capacity)
         self._home.clear()
 
     # -- internals -----------------------------------------------------------
     def _store_device(self, key: ItemKey, tensor: torch.Tensor) -> bool:
-        evicted = self._device.make_room(tensor_bytes(tensor), self._held)
+        evicted = self._device.put(key, tensor, self._held)
         if evicted is None:
             return False
         for victim_key, victim in evicted:
             self.stats.evictions += 1
             self._demote(victim_key, victim)
-        self._device.insert(key, tensor)
         self._home[key] = tensor.device
         return True
 
     def _demote(self, key: ItemKey, tensor: torch.Tensor) -> None:
         """Move an evicted device entry into the host tier, if it has room."""
-        if self._host.capacity_bytes == 0:
+        if self._host.capacity == 0:
             self._home.pop(key, None)
             return
         evicted = self._host.make_room(tensor_bytes(tensor), self._held)
@@ -223,9 +176,4 @@ class EmbeddingCache:
         for victim_key, _ in evicted:
             self.stats.host_evictions += 1
             self._home.pop(victim_key, None)
-        if tensor.device.type == "cpu":
-            host = tensor
-        else:
-            host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
-            host.copy_(tensor, non_blocking=False)
-        self._host.insert(key, host)
+        self._host.put(key, to_host(tensor))

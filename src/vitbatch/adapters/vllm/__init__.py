@@ -1,0 +1,126 @@
+"""vLLM adapter: vitbatch behind vLLM's encoder cache manager and both model runners.
+
+Switch it on with ``--additional-config '{"vitbatch": {...options...}}'`` (any
+supported vLLM, 0.26+), ``VITBATCH_VLLM=1`` in the engine's environment, or, on
+0.27+, ``--ec-manager-config`` naming :data:`MANAGER_QUALNAME`. The options are
+:class:`~.options.VllmOptions`; a bad value stops vLLM at start-up.
+
+One module per side:
+
+* :mod:`.options` - the options and where vLLM's config carries them;
+* :mod:`.surface` - every private vLLM name used, checked before switching on;
+* :mod:`.scheduler` - the manager subclass (host-tier index, per-step metadata)
+  and the ``Scheduler`` wrapper that installs it;
+* :mod:`.metadata` - the per-step message from scheduler to workers;
+* :mod:`.worker` - worker state, host-tier moves, model runner V1;
+* :mod:`.worker_v2` - Model Runner V2 (the GPU default).
+
+This package is the only part of vitbatch that imports vLLM, and importing it
+imports no vLLM: :func:`register` and the lazy attributes below do, when vLLM
+calls them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from typing import Any
+
+from vitbatch.adapters.vllm.metadata import VitBatchStepMetadata
+from vitbatch.adapters.vllm.options import (
+    CONFIG_KEY,
+    ENV_VAR,
+    MANAGER_CLASS_NAME,
+    MANAGER_QUALNAME,
+    VllmOptions,
+    configured_options,
+)
+
+__all__ = [
+    "CONFIG_KEY",
+    "ENV_VAR",
+    "MANAGER_CLASS_NAME",
+    "MANAGER_QUALNAME",
+    "VitBatchStepMetadata",
+    "VllmOptions",
+    "configured_options",
+    "register",
+    "stats",
+]
+
+logger = logging.getLogger("vllm.vitbatch")
+_registered = False
+
+
+def register() -> None:
+    """``vllm.general_plugins`` entry point: loaded in every vLLM process. Idempotent.
+
+    vLLM loads general plugins before any config is visible, so this only wraps
+    the ``Scheduler`` (pass-through unless its config switches vitbatch on). The
+    model-runner wrappers are installed where vitbatch is known to be on: where
+    the manager is built, and in a worker process when vitbatch's metadata
+    first arrives.
+    """
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    try:
+        from vitbatch.adapters.vllm.scheduler import install_scheduler_patch
+
+        installed = install_scheduler_patch()
+    except Exception:  # noqa: BLE001 - a plugin must never stop vLLM
+        logger.warning("vitbatch: could not hook vLLM's scheduler; stays off", exc_info=True)
+        return
+    if not installed:
+        from vitbatch.adapters.vllm import surface
+
+        report = surface.check()
+        logger.warning("vitbatch: off, vLLM runs unchanged: %s", report.describe("scheduler"))
+
+
+def stats() -> dict[str, Any]:
+    """This process's vitbatch counters: scheduler manager(s) and model runner(s).
+
+    ``worker.batcher`` is the core's :class:`~vitbatch.core.stats.Totals` summed
+    over the runners (encoder calls, items, cost-per-call histogram...);
+    ``worker.steps_by_runner`` says which model runner (V1, V2) ran them.
+    """
+    from vitbatch.core import Totals
+
+    scheduler_totals: dict[str, int] = {}
+    try:
+        from vitbatch.adapters.vllm.scheduler import SchedulerStats, managers
+    except ImportError:  # no vLLM here: nothing ran
+        return {"scheduler": {}, "worker": {}}
+    total = asdict(SchedulerStats())
+    for manager in list(managers):
+        for name, value in asdict(manager.stats).items():
+            total[name] += value
+    scheduler_totals = total
+    from vitbatch.adapters.vllm.worker import merged_stats, states
+
+    all_states = list(states)
+    worker, kinds = merged_stats(all_states)
+    batcher = Totals()
+    for state in all_states:
+        batcher.merge(state.batcher.totals)
+    return {
+        "scheduler": scheduler_totals,
+        "worker": {
+            **asdict(worker),
+            "steps_by_runner": dict(kinds),
+            "host_entries": sum(len(state.host) for state in all_states),
+            "batcher": batcher.as_dict(),
+        },
+    }
+
+
+def __getattr__(name: str) -> Any:
+    # vLLM resolves --ec-manager-config's class by qualified name (getattr on this
+    # package); importing the scheduler module imports vLLM, so only on demand.
+    if name == MANAGER_CLASS_NAME:
+        from vitbatch.adapters.vllm.scheduler import VitBatchEncoderCacheManager
+
+        return VitBatchEncoderCacheManager
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,64 @@
+"""The per-step message from the scheduler's manager to every worker, and how it travels.
+
+vLLM 0.27+ carries a manager's metadata in ``SchedulerOutput.ec_manager_metadata``
+(the scheduler asks the manager for it). vLLM 0.26 has no such field, so the
+scheduler patch (:mod:`.scheduler`) attaches the same object to the
+``SchedulerOutput`` as an attribute; the output is a plain dataclass, pickled
+whole to worker processes, so the attribute arrives with it. :func:`read`
+looks in both places, so the workers need not know which route a version took.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+ATTRIBUTE = "vitbatch_metadata"
+
+
+@dataclass(frozen=True)
+class VitBatchStepMetadata:
+    """One step's instructions from the scheduler's manager to every worker.
+
+    Plain data (tuples of mm hashes, ints): it is pickled to worker processes.
+
+    :ivar restore: host-tier entries to copy back into the device cache (they
+        count as cached for this step's scheduling).
+    :ivar demote: hashes of this step's ``free_encoder_mm_hashes`` to keep in
+        the host tier instead of dropping.
+    :ivar drop: host-tier entries to forget.
+    :ivar reset: clear the host tier first (vLLM reset its encoder cache).
+    """
+
+    restore: tuple[str, ...] = ()
+    demote: tuple[str, ...] = ()
+    drop: tuple[str, ...] = ()
+    reset: bool = False
+    max_batch_patches: int | None = 16384
+    max_batch_items: int | None = 64
+    check_finite: bool = False
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Arriving in a worker process means vitbatch is on: make sure that
+        # process's model runners honour these instructions.
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+        from vitbatch.adapters.vllm.worker import install_worker_patches
+
+        install_worker_patches()
+
+
+def attach(scheduler_output: Any, metadata: VitBatchStepMetadata) -> None:
+    """Give ``scheduler_output`` this step's metadata unless vLLM already carried it."""
+    if isinstance(getattr(scheduler_output, "ec_manager_metadata", None), VitBatchStepMetadata):
+        return
+    object.__setattr__(scheduler_output, ATTRIBUTE, metadata)
+
+
+def read(scheduler_output: Any) -> VitBatchStepMetadata | None:
+    """This step's metadata, or ``None`` when the step is not vitbatch's (vitbatch off)."""
+    for name in ("ec_manager_metadata", ATTRIBUTE):
+        metadata = getattr(scheduler_output, name, None)
+        if isinstance(metadata, VitBatchStepMetadata):
+            return metadata
+    return None

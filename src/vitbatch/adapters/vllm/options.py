@@ -1,0 +1,154 @@
+"""What a user sets, and where vitbatch finds it in vLLM's config.
+
+Three switches carry the same options (:class:`VllmOptions`), checked in this order:
+
+1. ``--additional-config '{"vitbatch": {...}}'`` (``LLM(additional_config=...)``):
+   vLLM's place for plugin settings, present in every supported release (0.26+).
+2. ``VITBATCH_VLLM='{...}'`` (a JSON object; ``1`` or ``{}`` for the defaults):
+   for launchers that cannot pass ``--additional-config``. It must be set in the
+   environment of vLLM's engine process (the server inherits it).
+3. ``--ec-manager-config`` naming :data:`MANAGER_QUALNAME` (vLLM 0.27+ only; the
+   original switch, still honoured).
+
+Plain data and parsing only: importing this module imports no vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from vitbatch.core import Budget
+
+logger = logging.getLogger("vllm.vitbatch")
+
+#: The key in vLLM's ``additional_config``.
+CONFIG_KEY = "vitbatch"
+#: The environment switch.
+ENV_VAR = "VITBATCH_VLLM"
+MANAGER_CLASS_NAME = "VitBatchEncoderCacheManager"
+#: What ``--ec-manager-config``'s ``encoder_cache_manager_cls`` names (vLLM 0.27+).
+MANAGER_QUALNAME = f"vitbatch.adapters.vllm.{MANAGER_CLASS_NAME}"
+
+
+def _check_int(name: str, value: Any, source: str, *, minimum: int, allow_none: bool) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = f"an integer >= {minimum}" + (" or null (no limit)" if allow_none else "")
+        raise ValueError(f"vitbatch option {name} in {source}: got {value!r}; expected {allowed}")
+
+
+@dataclass(frozen=True)
+class VllmOptions:
+    """The options every switch accepts.
+
+    :param max_batch_patches: encoder cost units (patches before merging for the
+        Qwen-VL family, embedding rows otherwise) in one encoder call; ``None``
+        for no limit. vLLM natively encodes all of a step's images of one
+        modality in one call; this bounds the call's activation memory.
+    :param max_batch_items: items in one encoder call; ``None`` for no limit.
+    :param host_cache_bytes: size of the host tier on each worker; 0 disables it.
+    :param host_cache_embeds: the same bound in embedding rows (overrides
+        ``host_cache_bytes``; the scheduler counts rows, like vLLM's cache).
+    :param check_finite: debugging aid: refuse encoder outputs holding NaN/Inf
+        (the step then runs vLLM's own path); costs a device sync per call.
+    """
+
+    max_batch_patches: int | None = 16384
+    max_batch_items: int | None = 64
+    host_cache_bytes: int = 1 << 30
+    host_cache_embeds: int | None = None
+    check_finite: bool = False
+
+    @classmethod
+    def parse(cls, config: Mapping[str, Any] | None, source: str) -> VllmOptions:
+        """Options from a mapping; an unknown key or a bad value raises, naming ``source``."""
+        if config is not None and not isinstance(config, Mapping):
+            raise ValueError(f"vitbatch options in {source}: expected a JSON object: {config!r}")
+        config = dict(config or {})
+        if "max_batch_tokens" in config:  # the name before 0.2; same unit (patches)
+            if "max_batch_patches" in config:
+                raise ValueError(
+                    f"vitbatch options in {source}: give max_batch_patches only "
+                    "(max_batch_tokens is its old name)"
+                )
+            logger.warning("vitbatch: option max_batch_tokens is now max_batch_patches")
+            config["max_batch_patches"] = config.pop("max_batch_tokens")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(
+                f"vitbatch options in {source}: unknown key(s) {unknown}; "
+                f"expected some of {sorted(known)}"
+            )
+        for name, minimum, allow_none in (
+            ("max_batch_patches", 1, True),
+            ("max_batch_items", 1, True),
+            ("host_cache_bytes", 0, False),
+            ("host_cache_embeds", 0, True),
+        ):
+            if name in config:
+                _check_int(name, config[name], source, minimum=minimum, allow_none=allow_none)
+        if not isinstance(config.get("check_finite", False), bool):
+            raise ValueError(
+                f"vitbatch option check_finite in {source}: got {config['check_finite']!r}; "
+                "expected true or false"
+            )
+        return cls(**config)
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(self.max_batch_patches, self.max_batch_items)
+
+    def host_capacity_embeds(self, bytes_per_embed: int) -> int:
+        """The host tier's bound in embedding rows."""
+        if self.host_cache_embeds is not None:
+            return self.host_cache_embeds
+        return self.host_cache_bytes // max(1, bytes_per_embed)
+
+
+def _from_env() -> VllmOptions | None:
+    raw = os.environ.get(ENV_VAR, "").strip()
+    if raw in ("", "0", "false"):
+        return None
+    if raw in ("1", "true"):
+        return VllmOptions()
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"vitbatch: {ENV_VAR}={raw!r} is not JSON ({error}); "
+            'expected 1 or a JSON object such as {"max_batch_patches": 16384}'
+        ) from None
+    return VllmOptions.parse(config, ENV_VAR)
+
+
+def configured_options(vllm_config: Any) -> VllmOptions | None:
+    """vitbatch's options if ``vllm_config`` (or the environment) switches it on, else ``None``.
+
+    :raises ValueError: a switch is set with a bad value (vLLM then fails to start,
+        with this message).
+    """
+    additional = getattr(vllm_config, "additional_config", None)
+    if isinstance(additional, Mapping) and CONFIG_KEY in additional:
+        value = additional[CONFIG_KEY]
+        if value is False or value is None:
+            return None
+        return VllmOptions.parse(
+            {} if value is True else value, f'--additional-config "{CONFIG_KEY}"'
+        )
+    from_env = _from_env()
+    if from_env is not None:
+        return from_env
+    ec_config = getattr(vllm_config, "ec_manager_config", None)
+    if ec_config is not None and getattr(ec_config, "encoder_cache_manager_cls", None) in (
+        MANAGER_QUALNAME,
+        f"vitbatch.adapters.vllm.scheduler.{MANAGER_CLASS_NAME}",
+    ):
+        return VllmOptions.parse(getattr(ec_config, "manager_config", None), "--ec-manager-config")
+    return None

@@ -1,0 +1,361 @@
+"""Scheduler side: vLLM's encoder cache manager plus vitbatch's host tier, and the switch.
+
+:class:`VitBatchEncoderCacheManager` subclasses vLLM's ``EncoderCacheManager``.
+vLLM's own accounting stays in charge of the device cache. On top of it the
+manager keeps an index of a *host tier*: when vLLM evicts an entry, the workers
+keep it in (pinned) host memory instead of dropping it, and a later request for
+the same image counts as cached - it costs no encoder budget and is restored by
+a host-to-device copy. The scheduler decides every move (demote, restore, drop)
+and ships them in :class:`~.metadata.VitBatchStepMetadata`, so the workers'
+host tiers mirror the index exactly, on every tensor-parallel rank.
+
+How the manager gets in: :func:`install_scheduler_patch` (run by the entry
+point in every vLLM process) wraps ``Scheduler.__init__``; when the scheduler's
+config switches vitbatch on (:func:`~.options.configured_options`) and the
+engine surface is complete, the wrapper swaps vLLM's manager for this one. It
+wraps ``Scheduler.schedule`` to attach the step's metadata where vLLM does not
+ask for it itself (0.26). On vLLM 0.27+ ``--ec-manager-config`` naming this
+class builds it directly through :meth:`create_manager`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.v1.core.encoder_cache_manager import EncoderCacheManager
+
+from vitbatch.adapters.vllm import surface
+from vitbatch.adapters.vllm.metadata import VitBatchStepMetadata, attach
+from vitbatch.adapters.vllm.options import VllmOptions, configured_options
+from vitbatch.core.host_tier import LruTier
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.request import Request
+
+logger = logging.getLogger("vllm.vitbatch")
+
+managers: weakref.WeakSet[VitBatchEncoderCacheManager] = weakref.WeakSet()
+
+
+@dataclass
+class SchedulerStats:
+    """Cumulative counters of the scheduler-side manager."""
+
+    cache_hits: int = 0
+    """check_and_update_cache answered True from vLLM's device cache (an embedding
+    another request, or an earlier chunk, already computed)."""
+    host_restores: int = 0
+    """host-tier entries counted as cached and scheduled for a host-to-device copy."""
+    revived: int = 0
+    """entries evicted earlier in the same scheduling pass and taken back (no copy at all)."""
+    demotions: int = 0
+    host_drops: int = 0
+    restores_refused: int = 0
+    """host-tier hits that could not get device-cache room (encoded instead)."""
+
+
+def host_index(capacity_embeds: int) -> LruTier[str, int]:
+    """What the workers' host tiers hold: mm hash -> embedding rows, LRU, bounded in rows."""
+    return LruTier(capacity_embeds, int)
+
+
+class VitBatchEncoderCacheManager(EncoderCacheManager):
+    """vLLM's ``EncoderCacheManager`` plus vitbatch's host tier and per-step worker metadata."""
+
+    @classmethod
+    def create_manager(
+        cls, *, cache_size: int, vllm_config: VllmConfig, options: VllmOptions | None = None
+    ) -> EncoderCacheManager:
+        """The manager for ``vllm_config`` (vLLM 0.27+ calls it for ``--ec-manager-config``).
+
+        Encoder-decoder models keep vLLM's own manager: vLLM does not cache their
+        encoder outputs, so there is nothing for a host tier to keep.
+        """
+        if options is None:
+            options = configured_options(vllm_config) or VllmOptions()
+        model_config = vllm_config.model_config
+        if model_config.is_encoder_decoder:
+            from vllm.v1.core.encoder_cache_manager import EncoderDecoderCacheManager
+
+            logger.warning(
+                "vitbatch: encoder-decoder model; using vLLM's own encoder cache manager"
+            )
+            return EncoderDecoderCacheManager(cache_size=cache_size)
+        from vitbatch.adapters.vllm.worker import install_worker_patches
+
+        install_worker_patches()  # in-process executors: this process runs the model too
+        bytes_per_embed = (
+            model_config.get_hidden_size()
+            * torch.tensor([], dtype=model_config.dtype).element_size()
+        )
+        host_capacity = options.host_capacity_embeds(bytes_per_embed)
+        logger.info(
+            "vitbatch: encoder cache manager on "
+            "(device cache %d embeddings, host tier %d embeddings, %s)",
+            cache_size,
+            host_capacity,
+            options.budget,
+        )
+        return cls(cache_size=cache_size, options=options, host_capacity_embeds=host_capacity)
+
+    def __init__(
+        self, cache_size: int, options: VllmOptions | None = None, host_capacity_embeds: int = 0
+    ) -> None:
+        super().__init__(cache_size=cache_size)
+        self.options = options or VllmOptions()
+        self.host = host_index(host_capacity_embeds)
+        self.stats = SchedulerStats()
+        self._evicted_sizes: dict[str, int] = {}  # evicted this pass -> rows
+        self._freed_seen = 0
+        self._promised: tuple[str, int] | None = None  # (request id, rows can_allocate promised)
+        self._restore: list[str] = []
+        self._demote: list[str] = []
+        self._drop: list[str] = []
+        self._reset = False
+        managers.add(self)
+
+    def reset(self) -> None:
+        super().reset()
+        self.host.clear()
+        self._evicted_sizes.clear()
+        self._freed_seen = 0
+        self._promised = None
+        self._restore, self._demote, self._drop = [], [], []
+        self._reset = True
+
+    def _note_evictions(self, sizes: Mapping[str, int]) -> None:
+        for mm_hash in self.freed[self._freed_seen :]:
+            if mm_hash in sizes:
+                self._evicted_sizes[mm_hash] = sizes[mm_hash]
+        self._freed_seen = len(self.freed)
+
+    def can_allocate(
+        self,
+        request: Request,
+        input_id: int,
+        encoder_compute_budget: int,
+        num_embeds_to_schedule: int,
+    ) -> bool:
+        wanted = request.get_num_encoder_embeds(input_id) + num_embeds_to_schedule
+        sizes = dict(self.freeable) if wanted > self.num_free_slots else {}
+        ok = super().can_allocate(request, input_id, encoder_compute_budget, num_embeds_to_schedule)
+        self._note_evictions(sizes)
+        if ok:
+            self._promised = (request.request_id, wanted)
+        return ok
+
+    def allocate(self, request: Request, input_id: int) -> None:
+        super().allocate(request, input_id)
+        self._promised = None
+
+    def check_and_update_cache(self, request: Request, input_id: int) -> bool:
+        if super().check_and_update_cache(request, input_id):
+            self.stats.cache_hits += 1
+            return True
+        feature = request.mm_features[input_id]
+        mm_hash = feature.identifier
+        num_embeds = feature.mm_position.get_num_embeds()
+        revive = self._evicted_sizes.get(mm_hash) == num_embeds
+        if not revive:
+            host_rows = self.host.peek(mm_hash)
+            if host_rows is None:
+                return False
+            if host_rows != num_embeds:
+                # Same identifier, other row count (a reused client UUID): the
+                # host copy is stale; forget it so it is never restored.
+                self.host.pop(mm_hash)
+                self._drop.append(mm_hash)
+                self.stats.host_drops += 1
+                return False
+        if not self._make_room(request, num_embeds):
+            self.stats.restores_refused += 1
+            return False
+        # Same bookkeeping as vLLM's allocate(), minus the compute budget:
+        # nothing will be encoded for this entry.
+        self.cached.setdefault(mm_hash, set()).add(request.request_id)
+        if hasattr(self, "num_embeds_by_hash"):  # vLLM 0.27+
+            self.num_embeds_by_hash[mm_hash] = num_embeds
+        self.request_cached_ids.setdefault(request.request_id, set()).add(input_id)
+        self.num_free_slots -= num_embeds
+        self.num_freeable_slots -= num_embeds
+        if revive:
+            # The worker still holds it; get_freed_mm_hashes() drops re-cached
+            # hashes from the free list.
+            del self._evicted_sizes[mm_hash]
+            self.stats.revived += 1
+        else:
+            self.host.pop(mm_hash)
+            self._restore.append(mm_hash)
+            self.stats.host_restores += 1
+        return True
+
+    def _make_room(self, request: Request, num_embeds: int) -> bool:
+        """Free device-cache rows for a restore, like can_allocate() but with no compute budget.
+
+        Rows that can_allocate() already promised to this request's earlier
+        inputs (allocated only after the request is scheduled) stay reserved.
+        """
+        promised = (
+            self._promised[1] if self._promised and self._promised[0] == request.request_id else 0
+        )
+        wanted = num_embeds + promised
+        if wanted <= self.num_free_slots:
+            return True
+        if wanted > self.num_freeable_slots:
+            return False
+        sizes = dict(self.freeable)
+        while wanted > self.num_free_slots:
+            mm_hash, rows = self.freeable.popitem(last=False)
+            del self.cached[mm_hash]
+            if hasattr(self, "num_embeds_by_hash"):  # vLLM 0.27+
+                del self.num_embeds_by_hash[mm_hash]
+            self.freed.append(mm_hash)
+            self.num_free_slots += rows
+        self._note_evictions(sizes)
+        return True
+
+    def get_freed_mm_hashes(self) -> list[str]:
+        # vLLM 0.27+ already leaves out hashes cached again in this pass; 0.26
+        # does not, and freeing a revived entry would lose what the step needs.
+        freed = [h for h in super().get_freed_mm_hashes() if h not in self.cached]
+        demoted: list[str] = []
+        for mm_hash in freed:
+            rows = self._evicted_sizes.get(mm_hash)
+            if rows is None:
+                continue
+            evicted = self.host.put(mm_hash, rows)
+            for victim, _ in evicted or ():
+                if victim in demoted:
+                    demoted.remove(victim)
+                else:
+                    self._drop.append(victim)
+                self.stats.host_drops += 1
+            if evicted is not None:
+                demoted.append(mm_hash)
+        self._demote.extend(demoted)
+        self.stats.demotions += len(demoted)
+        self._evicted_sizes.clear()
+        self._freed_seen = 0
+        self._promised = None
+        return freed
+
+    def get_manager_metadata(self) -> VitBatchStepMetadata:
+        metadata = VitBatchStepMetadata(
+            restore=tuple(self._restore),
+            demote=tuple(self._demote),
+            drop=tuple(self._drop),
+            reset=self._reset,
+            max_batch_patches=self.options.max_batch_patches,
+            max_batch_items=self.options.max_batch_items,
+            check_finite=self.options.check_finite,
+        )
+        self._restore, self._demote, self._drop = [], [], []
+        self._reset = False
+        return metadata
+
+
+# ---------------------------------------------------------------------------
+# The switch: vLLM's Scheduler takes this manager when its config says so
+# ---------------------------------------------------------------------------
+
+
+def enable_on(scheduler: Any) -> bool:
+    """Swap ``scheduler``'s encoder cache manager for vitbatch's if its config asks for it.
+
+    :raises ValueError: vitbatch's options are set to something invalid (vLLM
+        then fails to start, with a message naming the option).
+    :returns: whether vitbatch's manager is in charge now.
+    """
+    vllm_config = getattr(scheduler, "vllm_config", None)
+    options = configured_options(vllm_config)
+    current = getattr(scheduler, "encoder_cache_manager", None)
+    if options is None or isinstance(current, VitBatchEncoderCacheManager):
+        return isinstance(current, VitBatchEncoderCacheManager)
+    report = surface.check()
+    if not report.ok("scheduler"):
+        logger.warning("vitbatch: off, vLLM runs unchanged: %s", report.describe("scheduler"))
+        return False
+    if not (report.ok("runner_v1") or report.ok("runner_v2")):
+        logger.warning(
+            "vitbatch: off, vLLM runs unchanged: %s; %s",
+            report.describe("runner_v1"),
+            report.describe("runner_v2"),
+        )
+        return False
+    if type(current) is not EncoderCacheManager:
+        logger.warning(
+            "vitbatch: off: vLLM's scheduler uses %s, not its EncoderCacheManager "
+            "(encoder-decoder model, or another plugin's manager)",
+            type(current).__name__,
+        )
+        return False
+    scheduler.encoder_cache_manager = VitBatchEncoderCacheManager.create_manager(
+        cache_size=current.cache_size, vllm_config=vllm_config, options=options
+    )
+    return isinstance(scheduler.encoder_cache_manager, VitBatchEncoderCacheManager)
+
+
+def _wrapped_init(original):
+    @functools.wraps(original)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        enable_on(self)
+
+    __init__.__vitbatch_original__ = original  # type: ignore[attr-defined]
+    return __init__
+
+
+def _wrapped_schedule(original):
+    @functools.wraps(original)
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        output = original(self, *args, **kwargs)
+        manager = self.encoder_cache_manager
+        if isinstance(manager, VitBatchEncoderCacheManager) and not isinstance(
+            getattr(output, "ec_manager_metadata", None), VitBatchStepMetadata
+        ):
+            attach(output, manager.get_manager_metadata())
+        return output
+
+    schedule.__vitbatch_original__ = original  # type: ignore[attr-defined]
+    return schedule
+
+
+_patch_lock = threading.Lock()
+_PATCHES = (("__init__", _wrapped_init), ("schedule", _wrapped_schedule))
+
+
+def install_scheduler_patch() -> bool:
+    """Wrap ``Scheduler`` so that its config can switch vitbatch on. Idempotent.
+
+    Without vitbatch in the config the wrappers only call vLLM's methods
+    (``schedule`` adds one isinstance check per step).
+    """
+    if not surface.check().ok("scheduler"):
+        return False
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    with _patch_lock:
+        for name, wrap in _PATCHES:
+            current = getattr(Scheduler, name)
+            if not hasattr(current, "__vitbatch_original__"):
+                setattr(Scheduler, name, wrap(current))
+    return True
+
+
+def uninstall_scheduler_patch() -> None:
+    """Restore vLLM's methods (tests)."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    with _patch_lock:
+        for name, _ in _PATCHES:
+            original = getattr(getattr(Scheduler, name), "__vitbatch_original__", None)
+            if original is not None:
+                setattr(Scheduler, name, original)
