@@ -221,6 +221,22 @@ def apply_tier_moves(
             state.stats.host_drops += 1
 
 
+def move_tiers(
+    cache: MutableMapping[str, torch.Tensor],
+    device: torch.device,
+    state: WorkerState,
+    scheduler_output: Any,
+    metadata: VitBatchStepMetadata,
+) -> None:
+    """:func:`apply_tier_moves` for one step; if it fails, vLLM frees as usual and
+    whatever was not restored is encoded in this step's encoder call instead."""
+    try:
+        apply_tier_moves(cache, device, state, scheduler_output.free_encoder_mm_hashes, metadata)
+    except Exception:  # noqa: BLE001 - any failure: keep serving
+        state.note_error("host-tier update")
+        state.missing.update(h for h in metadata.restore if h not in cache)
+
+
 def native_only_reason(runner: Any, modalities: Sequence[str]) -> str | None:
     """Cases whose vLLM branches vitbatch does not reproduce: leave the step to vLLM."""
     if runner.model_config.is_encoder_decoder:
@@ -392,18 +408,7 @@ def _v1_update_states(original):
         metadata = read(scheduler_output)
         if metadata is not None:
             state = worker_state(self, metadata, "V1")
-            try:
-                apply_tier_moves(
-                    self.encoder_cache,
-                    self.device,
-                    state,
-                    scheduler_output.free_encoder_mm_hashes,
-                    metadata,
-                )
-            except Exception:  # noqa: BLE001 - any failure: vLLM frees as usual, keep serving
-                state.note_error("host-tier update")
-                # Whatever was not restored is encoded in _execute_mm_encoder.
-                state.missing.update(h for h in metadata.restore if h not in self.encoder_cache)
+            move_tiers(self.encoder_cache, self.device, state, scheduler_output, metadata)
         return original(self, scheduler_output, *args, **kwargs)
 
     _update_states.__vitbatch_original__ = original  # type: ignore[attr-defined]

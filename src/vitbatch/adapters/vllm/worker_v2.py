@@ -34,9 +34,9 @@ import torch
 from vitbatch.adapters.vllm.metadata import read
 from vitbatch.adapters.vllm.worker import (
     WorkerState,
-    apply_tier_moves,
     count_cross_request,
     make_item,
+    move_tiers,
     native_only_reason,
     unwrap_methods,
     worker_state,
@@ -57,18 +57,8 @@ def _free_states(original):
         state = worker_state(self, metadata, "V2")
         setattr(encoder_runner, _STATE, state)
         encoder_runner._vitbatch_native = native_only_reason(self, ())
-        try:
-            apply_tier_moves(
-                self.encoder_cache.encoder_outputs,
-                self.device,
-                state,
-                scheduler_output.free_encoder_mm_hashes,
-                metadata,
-            )
-        except Exception:  # noqa: BLE001 - any failure: vLLM frees as usual, keep serving
-            state.note_error("host-tier update")
-            outputs = self.encoder_cache.encoder_outputs
-            state.missing.update(h for h in metadata.restore if h not in outputs)
+        outputs = self.encoder_cache.encoder_outputs
+        move_tiers(outputs, self.device, state, scheduler_output, metadata)
         return original(self, scheduler_output, *args, **kwargs)
 
     free_states.__vitbatch_original__ = original  # type: ignore[attr-defined]
