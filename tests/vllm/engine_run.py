@@ -110,10 +110,8 @@ def run(model: str, mode: str) -> dict:
 
         get_plugin_manager().register(Broken(), name="broken-test-plugin")
     if mode.startswith("vitbatch"):
-        kwargs["ec_manager_config"] = {
-            "encoder_cache_manager_cls": "vitbatch.adapters.vllm.VitBatchEncoderCacheManager",
-            "manager_config": VITBATCH_OPTIONS,
-        }
+        # The switch every supported vLLM has (0.26+); test_manager covers --ec-manager-config.
+        kwargs["additional_config"] = {"vitbatch": VITBATCH_OPTIONS}
     if mode == "vitbatch-mp":
         kwargs["distributed_executor_backend"] = "mp"
     scheduled = count_scheduled_encoder_inputs() if mode in ("native", "vitbatch") else None
