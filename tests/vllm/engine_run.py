@@ -76,22 +76,22 @@ def make_image(name: str):
 
 
 def count_scheduled_encoder_inputs() -> dict[str, int]:
-    """Test instrumentation: how many encoder inputs vLLM's scheduler sent to the worker.
+    """Test instrumentation: how many encoder inputs vLLM's scheduler sent to the workers.
 
-    Counts what ``_batch_mm_inputs_from_scheduler`` returns (in-process worker
-    only). Natively every one of them is encoded.
+    Counted on the scheduler's output (in-process engine core only), so it is the
+    same for both model runners. Natively every one of them is encoded.
     """
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.core.sched.scheduler import Scheduler
 
-    original = GPUModelRunner._batch_mm_inputs_from_scheduler
+    original = Scheduler.schedule
     counter = {"items": 0}
 
-    def counting(self, scheduler_output):
-        result = original(self, scheduler_output)
-        counter["items"] += len(result[0])
-        return result
+    def counting(self, *args, **kwargs):
+        output = original(self, *args, **kwargs)
+        counter["items"] += sum(len(ids) for ids in output.scheduled_encoder_inputs.values())
+        return output
 
-    GPUModelRunner._batch_mm_inputs_from_scheduler = counting
+    Scheduler.schedule = counting
     return counter
 
 
