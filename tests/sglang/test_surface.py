@@ -123,6 +123,13 @@ def test_full_path_probe_matches_sglang(monkeypatch) -> None:
     assert bool(calls) != surface.full_path_only_on_overlap()
 
 
+def test_release_numbers_compare_as_releases() -> None:
+    assert surface._release("0.5.23") == (0, 5, 23)
+    assert surface._release("0.5.23.post1") >= (0, 5, 23)
+    assert surface._release("0.5.24.dev3+g1234abc") >= (0, 5, 23)
+    assert surface._release("0.5.22") < (0, 5, 23) and surface._release("unknown") < (0, 5, 23)
+
+
 def test_offload_and_borrow_probes_read_the_installed_release() -> None:
     from sglang.srt.managers import mm_schedule
 

@@ -261,9 +261,7 @@ def _register_mm_hook() -> None:
     if _mm_hook_registered:
         return
     _mm_hook_registered = True
-    from vitbatch.adapters.sglang_surface import surface_problem
-
-    problem = surface_problem()
+    problem = surface.surface_problem()
     if problem is not None:  # one line, and SGLang runs untouched
         logger.error("%s", problem)
         return
