@@ -1,4 +1,4 @@
-"""Test sessions, one environment each: the core, SGLang, vLLM.
+"""Test sessions, one environment each: the core, SGLang (newest and oldest supported), vLLM.
 
 SGLang and vLLM pin different torch builds, so each engine gets its own
 virtualenv and its own install script (``ci/install-<engine>.sh``), which must
@@ -22,12 +22,15 @@ from contextlib import contextmanager
 
 import nox
 
-nox.options.sessions = ["lint", "core", "sglang", "vllm"]
+nox.options.sessions = ["lint", "core", "sglang", "sglang_oldest", "vllm"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
 PYTHON = "3.11"
 KEEP_ENVS = os.environ.get("VITBATCH_KEEP_NOX_ENVS") == "1"
+# The supported SGLang range (pyproject.toml's `sglang` extra, docs/sglang.md).
+SGLANG_NEWEST = "0.5.23"
+SGLANG_OLDEST = "0.5.19"
 
 
 def _report_disk(session: nox.Session, when: str) -> None:
@@ -36,13 +39,13 @@ def _report_disk(session: nox.Session, when: str) -> None:
 
 
 @contextmanager
-def _environment(session: nox.Session, engine: str) -> Iterator[None]:
-    """Install with ``ci/install-<engine>.sh``; afterwards free the environment's disk."""
+def _environment(session: nox.Session, engine: str, *args: str) -> Iterator[None]:
+    """Install with ``ci/install-<engine>.sh [args]``; afterwards free the environment's disk."""
     if not KEEP_ENVS:
         session.env["PIP_NO_CACHE_DIR"] = "1"
     _report_disk(session, "before install")
     try:
-        session.run("bash", f"ci/install-{engine}.sh", external=True)
+        session.run("bash", f"ci/install-{engine}.sh", *args, external=True)
         _report_disk(session, "after install")
         yield
     finally:
@@ -70,9 +73,24 @@ def core(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def sglang(session: nox.Session) -> None:
-    """SGLang adapter against the real sglang==0.5.23."""
-    with _environment(session, "sglang"):
+    """SGLang adapter against the real sglang==0.5.23, the newest supported release."""
+    with _environment(session, "sglang", SGLANG_NEWEST):
         session.run("python", "-m", "pytest", "tests/sglang", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def sglang_oldest(session: nox.Session) -> None:
+    """The oldest supported SGLang (0.5.19): the differential suite and the engine surface
+    check, where releases differ; the rest of tests/sglang runs against the newest only."""
+    with _environment(session, "sglang", SGLANG_OLDEST):
+        session.run(
+            "python",
+            "-m",
+            "pytest",
+            "tests/sglang/test_differential.py",
+            "tests/sglang/test_surface.py",
+            *session.posargs,
+        )
 
 
 @nox.session(python=PYTHON)

@@ -1,4 +1,4 @@
-"""Shared builders for tests against the real SGLang 0.5.23.
+"""Shared builders for tests against the real SGLang (0.5.19 to 0.5.23).
 
 Steps are built from real ``MultimodalDataItem``s with real pad values
 (``set_hash``), laid out in token sequences the way SGLang's tokenizer manager
@@ -73,6 +73,20 @@ class StepInputs:
     items_offset_list: list[list[tuple[int, int]]]
 
 
+def padding_values(item: MultimodalDataItem) -> tuple[int, ...]:
+    """The item's placeholder ids (several from SGLang 0.5.23, one ``pad_value`` before)."""
+    if hasattr(item, "padding_values"):
+        return tuple(item.padding_values())
+    return (item.pad_value,)
+
+
+def padding(item: MultimodalDataItem, length: int) -> list[int]:
+    """What SGLang's tokenizer manager writes over ``length`` placeholder positions."""
+    if hasattr(item, "padding_sequence"):
+        return list(item.padding_sequence(length))
+    return [item.pad_value] * length
+
+
 def build_step(requests: Sequence[RequestSpec], device: str = "cpu") -> StepInputs:
     items: list[MultimodalDataItem] = []
     items_size = [0]
@@ -84,14 +98,12 @@ def build_step(requests: Sequence[RequestSpec], device: str = "cpu") -> StepInpu
         ]  # text ids, far from pad values
         for item in built:
             for start, end in item.offsets:
-                for position, value in zip(
-                    range(start, end + 1), item.padding_sequence(end - start + 1)
-                ):
+                for position, value in zip(range(start, end + 1), padding(item, end - start + 1)):
                     tokens[position] = value
         ids.extend(tokens[request.prefix : request.prefix + request.extend])
         items.extend(built)
         items_size.append(len(items))
-    pads = sorted({value for item in items for value in item.padding_values()}) or [1 << 40]
+    pads = sorted({value for item in items for value in padding_values(item)}) or [1 << 40]
     return StepInputs(
         items=items,
         placeholder_tensor=torch.tensor(pads, dtype=torch.int64),

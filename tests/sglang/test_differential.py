@@ -22,6 +22,7 @@ from tests.sglang.conftest import (
     run_get_embedding_and_mask,
 )
 from vitbatch.adapters import sglang as adapter
+from vitbatch.adapters import sglang_surface as surface
 
 STEPS = {"count": 0, "vitbatch_requests": 0}
 CACHE_BYTES = 1 << 20
@@ -59,11 +60,7 @@ def assert_same(native_outputs, plugin_outputs):
 
 def per_image_calls(encoder):
     """Calls vitbatch made (SGLang's full path for multi-run video stays native)."""
-    return [
-        call
-        for call in encoder.calls
-        if all(len(item.offsets) == 1 or item.is_audio() for item in call)
-    ]
+    return [call for call in encoder.calls if surface.per_image_request(call)]
 
 
 @pytest.mark.parametrize("seed", range(150))

@@ -1,6 +1,7 @@
 """SGLang adapter: the only module that imports SGLang.
 
-How it plugs in (SGLang 0.5.23):
+How it plugs in (SGLang 0.5.19 to 0.5.23; where they differ, ``sglang_surface``
+probes the installed one):
 
 - ``register()`` is the ``sglang.srt.plugins`` entry point. SGLang calls it in
   the launcher (before parsing arguments), in ``Engine.__init__`` and in every
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vitbatch.adapters import sglang_surface as surface
 from vitbatch.core import Budget, EmbeddingCache, Item, RequestChunk, Span, VitBatcher, Window
 from vitbatch.core.agreement import group_agree
 from vitbatch.metrics import export_batcher
@@ -259,6 +261,10 @@ def _register_mm_hook() -> None:
     if _mm_hook_registered:
         return
     _mm_hook_registered = True
+    problem = surface.surface_problem()
+    if problem is not None:  # one line, and SGLang runs untouched
+        logger.error("%s", problem)
+        return
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(TARGET, _around_chunked_prefill, HookType.AROUND)
@@ -399,7 +405,7 @@ def _around_chunked_prefill(
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The AROUND hook: SGLang's arguments pass through unchanged to
     :func:`chunked_prefill_embedding`, or to ``original`` if vitbatch cannot serve the step."""
-    if kwargs:  # SGLang 0.5.23 passes all seven positionally; anything else is not ours to guess
+    if kwargs:  # SGLang passes all seven positionally; anything else is not ours to guess
         return original(*args, **kwargs)
     state: AdapterState | None = None
     try:
@@ -490,13 +496,12 @@ def chunked_prefill_embedding(
             continue
         window = Window.from_prefix(prefix_length[index], extend)
         offsets = items_offset_list[index]
-        if not any(end >= window.start and start < window.end for start, end in offsets):
-            continue
         request_items = embedding_items[items_size[index] : items_size[index + 1]]
-        if not all(len(item.offsets) == 1 or item.is_audio() for item in request_items):
-            full_path.append(
-                index
-            )  # multi-run non-audio items / EVS: SGLang's own per-request path
+        if not surface.per_image_request(request_items):  # multi-run items / EVS
+            if surface.runs_full_path(offsets, window.start, window.end):
+                full_path.append(index)  # SGLang's own per-request path
+            continue
+        if not any(end >= window.start and start < window.end for start, end in offsets):
             continue
         items = [core_item(item) for item in request_items]
         _check_order(items)
@@ -556,18 +561,19 @@ def _engine_encoder(
     that releasing them later hands the host tensor back instead of copying.
     """
     from sglang.srt.managers import mm_schedule
-    from sglang.srt.multimodal.transport.cuda_ipc import BORROW_CUDA_IPC_FEATURE_KEY
 
+    borrow_key = surface.borrow_cuda_ipc_key()
     defer_move = mm_schedule._can_skip_pre_embed_feature_move(data_embedding_func)
 
     def encode(items: Sequence[Item]) -> list[torch.Tensor] | torch.Tensor:
         engine_items = [item.payload for item in items]
         for engine_item in engine_items:
             if (
-                id(engine_item) in borrowable
+                borrow_key is not None
+                and id(engine_item) in borrowable
                 and engine_item.can_defer_cuda_ipc_feature_reconstruction()
             ):
-                engine_item.model_specific_data[BORROW_CUDA_IPC_FEATURE_KEY] = True
+                engine_item.model_specific_data[borrow_key] = True
         _wait_for_native_offload(engine_items, device, defer_move)
         if not defer_move:
             for engine_item in engine_items:
@@ -589,9 +595,7 @@ def _wait_for_native_offload(
     items: Sequence[MultimodalDataItem], device: torch.device, defer_move: bool
 ) -> None:
     """Host features may still be arriving from SGLang's own async copy-back of a previous step."""
-    from sglang.srt.managers import mm_schedule
-
-    event = mm_schedule.host_offload_event
+    event = surface.host_offload_event()
     if event is None or not any(
         isinstance(i.feature, torch.Tensor) and i.feature.is_cpu for i in items
     ):
