@@ -1,4 +1,4 @@
-"""``vitbatch`` command line: ``bench``, ``bench-agree`` and ``info``."""
+"""``vitbatch`` command line: ``bench``, ``bench-vllm``, ``bench-agree`` and ``info``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(--engine sglang: SGLang native vs vitbatch)",
     )
     bench.add_arguments(bench_parser)
+    from vitbatch.bench import vllm_engine
+
+    vllm_parser = commands.add_parser(
+        "bench-vllm",
+        help="vLLM end to end with and without vitbatch (needs vllm; both model runners)",
+    )
+    vllm_engine.add_arguments(vllm_parser)
     from vitbatch.bench import agree_cost
 
     agree_parser = commands.add_parser(
@@ -30,6 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "bench":
         return bench.run(args)
+    if args.command == "bench-vllm":
+        return vllm_engine.run(args)
     if args.command == "bench-agree":
         return agree_cost.run(args)
     from vitbatch.info import print_info

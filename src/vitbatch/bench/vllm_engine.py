@@ -1,0 +1,441 @@
+"""``vitbatch bench-vllm``: vLLM end to end, with and without vitbatch, on both model runners.
+
+Each configuration (model runner x encoder CUDA graphs x native/vitbatch) runs
+in its own child process: one fresh vLLM engine (``LLM``, in-process engine core
+so the counters are readable), which then runs every workload:
+
+* ``mixed`` - 64 requests, 1-4 images each, 224-1120 px sides;
+* ``video`` - 32 requests of 8 frames each (images), a quarter of each
+  request's frames shared with the other requests;
+* ``resend`` - multi-turn: 48 first turns with 2 images each, then 48 later
+  turns sending the same images again (other text), behind 32 filler requests
+  whose images push the first turns' embeddings out of vLLM's encoder cache
+  (its size follows ``--max-num-batched-tokens``); vitbatch restores them from
+  its host tier.
+
+Per workload: one warm-up pass, then ``--passes`` timed passes (``max_tokens=1``:
+prefill throughput), each with images of a fresh seed, then one equality pass
+(``max_tokens=8``, greedy) whose token ids are compared between native and
+vitbatch. Figures: prefill requests/s and images/s, TTFT p50/p99 (vLLM's own
+per-request ``first_token_latency``), encoder calls (calls of the model's
+``embed_multimodal``, in both modes), peak GPU memory above the engine's steady
+allocation, and vitbatch's host-tier restores.
+
+Prefix caching is off in every configuration, so a re-sent image reaches the
+encoder path in both modes. With ``--model`` the script runs a real checkpoint;
+by default it writes a Qwen2.5-VL-7B-shaped directory without weights and runs it
+with ``load_format="dummy"`` (seeded random weights, no download).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+WORKLOADS = ("mixed", "video", "resend")
+RUNNERS = ("v2", "v1")
+
+
+# ---------------------------------------------------------------------------
+# Workloads: lists of (prompt text, images), deterministic per seed
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Request:
+    images: tuple[tuple[int, int, int], ...]  # (width, height, content seed)
+    words: str = "describe the images"
+
+
+def _side(rng, low: int, high: int) -> int:
+    return int(rng.integers(low // 28, high // 28 + 1)) * 28
+
+
+def workload(name: str, seed: int, scale: float = 1.0) -> list[Request]:
+    """The requests of one pass; image contents are unique to ``seed``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    base = seed * 1_000_000
+    n = max(2, round(64 * scale))
+    if name == "mixed":
+        return [
+            Request(
+                tuple(
+                    (_side(rng, 224, 1120), _side(rng, 224, 1120), base + 10 * r + i)
+                    for i in range(int(rng.integers(1, 5)))
+                )
+            )
+            for r in range(n)
+        ]
+    if name == "video":
+        shared = [(448, 448, base + 900_000 + i) for i in range(2)]  # a quarter of 8 frames
+        return [
+            Request(
+                tuple(shared + [(448, 448, base + 8 * r + i) for i in range(6)]),
+                "describe the frames",
+            )
+            for r in range(max(2, n // 2))
+        ]
+    if name == "resend":
+        first = [
+            Request(tuple((672, 672, base + 2 * r + i) for i in range(2)))
+            for r in range(max(2, n * 3 // 4))
+        ]
+        fillers = [
+            Request(((896, 896, base + 500_000 + r),), "describe the images")
+            for r in range(max(2, n // 2))
+        ]
+        later = [Request(req.images, "compare the images turn") for req in first]
+        return first + fillers + later
+    raise ValueError(f"unknown workload {name!r}; expected one of {WORKLOADS}")
+
+
+def _image(width: int, height: int, content: int):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(content)
+    return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
+
+
+# ---------------------------------------------------------------------------
+# Child: one engine, every workload
+# ---------------------------------------------------------------------------
+
+
+def _count_encoder_calls() -> dict[str, int]:
+    """Count ``embed_multimodal`` calls of every vLLM model class (in-process engine core)."""
+    from vllm.model_executor.models import qwen2_5_vl
+
+    counter = {"calls": 0}
+    cls = qwen2_5_vl.Qwen2_5_VLForConditionalGeneration
+    original = cls.embed_multimodal
+
+    def counted(self, *args, **kwargs):
+        counter["calls"] += 1
+        return original(self, *args, **kwargs)
+
+    cls.embed_multimodal = counted
+    return counter
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def child(config: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from vllm import LLM, SamplingParams
+
+    from vitbatch.bench.qwen_vl_model import prompt
+
+    calls = _count_encoder_calls()
+    kwargs: dict[str, Any] = {}
+    if config["vitbatch"]:
+        kwargs["additional_config"] = {"vitbatch": config["options"]}
+    if config["graphs"]:
+        kwargs["compilation_config"] = {
+            "cudagraph_mm_encoder": True,
+            "encoder_cudagraph_token_budgets": config["graph_budgets"],
+            "cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64],
+        }
+    else:
+        kwargs["enforce_eager"] = True
+    if config["dummy"]:
+        kwargs["load_format"] = "dummy"
+    started = time.perf_counter()
+    llm = LLM(
+        model=config["model"],
+        dtype=config["dtype"],
+        seed=0,
+        max_model_len=config["max_model_len"],
+        max_num_seqs=config["max_num_seqs"],
+        max_num_batched_tokens=config["max_num_batched_tokens"],
+        limit_mm_per_prompt={"image": 8, "video": 0},
+        enable_prefix_caching=False,
+        disable_log_stats=False,
+        gpu_memory_utilization=config["gpu_memory_utilization"],
+        **kwargs,
+    )
+    startup = time.perf_counter() - started
+    cuda = torch.cuda.is_available()
+    results: dict[str, Any] = {"startup_seconds": startup, "workloads": {}}
+
+    def requests_for(name: str, seed: int) -> tuple[list[dict], int]:
+        reqs = workload(name, seed, config["scale"])
+        return (
+            [
+                {
+                    "prompt": prompt(len(r.images), r.words),
+                    "multi_modal_data": {"image": [_image(*image) for image in r.images]},
+                }
+                for r in reqs
+            ],
+            sum(len(r.images) for r in reqs),
+        )
+
+    def stats() -> dict[str, Any]:
+        if not config["vitbatch"]:
+            return {}
+        from vitbatch.adapters.vllm import stats as vitbatch_stats
+
+        return vitbatch_stats()
+
+    for name in config["workloads"]:
+        prefill = SamplingParams(temperature=0.0, max_tokens=1)
+        warm, _ = requests_for(name, 1)
+        llm.generate(warm, prefill, use_tqdm=False)
+        passes = []
+        for p in range(config["passes"]):
+            prompts, images = requests_for(name, 2 + p)
+            before_calls, before = calls["calls"], stats()
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base_memory = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
+            outputs = llm.generate(prompts, prefill, use_tqdm=False)
+            seconds = time.perf_counter() - t0
+            ttft = [
+                out.metrics.first_token_latency
+                for out in outputs
+                if getattr(out, "metrics", None) is not None
+                and getattr(out.metrics, "first_token_latency", 0)
+            ]
+            after = stats()
+            passes.append(
+                {
+                    "seconds": seconds,
+                    "requests": len(prompts),
+                    "images": images,
+                    "ttft": ttft,
+                    "encoder_calls": calls["calls"] - before_calls,
+                    "peak_extra_bytes": (torch.cuda.max_memory_allocated() - base_memory)
+                    if cuda
+                    else None,
+                    "host_restores": (
+                        after["scheduler"]["host_restores"] - before["scheduler"]["host_restores"]
+                        if after
+                        else 0
+                    ),
+                }
+            )
+        prompts, _ = requests_for(name, 2)
+        greedy = llm.generate(
+            prompts, SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False
+        )
+        results["workloads"][name] = {
+            "passes": passes,
+            "token_ids": [list(out.outputs[0].token_ids) for out in greedy],
+        }
+    results["vitbatch_stats"] = stats()
+    return results
+
+
+# ---------------------------------------------------------------------------
+# Parent: configurations, table, JSON
+# ---------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="model dir or id (default: 7B-shaped, dummy)")
+    parser.add_argument("--shape", default="7b", choices=("7b", "tiny"), help="generated model")
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument("--runners", nargs="+", default=list(RUNNERS), choices=RUNNERS)
+    parser.add_argument(
+        "--encoder-graphs",
+        nargs="+",
+        default=["off"],
+        choices=("off", "on"),
+        help="vLLM's encoder CUDA graphs (V1 runner in vLLM 0.26)",
+    )
+    parser.add_argument("--modes", nargs="+", default=["native", "vitbatch"])
+    parser.add_argument("--passes", type=int, default=2, help="timed passes per workload")
+    parser.add_argument("--scale", type=float, default=1.0, help="requests x this")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--max-num-seqs", type=int, default=128)
+    parser.add_argument("--max-model-len", type=int, default=16384)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    parser.add_argument("--max-patches", type=int, default=16384, help="vitbatch option")
+    parser.add_argument("--host-cache-gb", type=float, default=8.0, help="vitbatch option")
+    parser.add_argument(
+        "--graph-budgets",
+        type=int,
+        nargs="+",
+        default=[2048, 4096, 8192],
+        help="encoder_cudagraph_token_budgets when --encoder-graphs on",
+    )
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
+
+
+def _run_child(config: dict[str, Any], runner: str, timeout: int) -> dict[str, Any]:
+    env = {
+        **os.environ,
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_USE_V2_MODEL_RUNNER": "1" if runner == "v2" else "0",
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, out = Path(tmp) / "config.json", Path(tmp) / "out.json"
+        spec.write_text(json.dumps(config))
+        started = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-m", "vitbatch.bench.vllm_engine", str(spec), str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if proc.returncode != 0 or not out.exists():
+            tail = (proc.stdout + proc.stderr)[-6000:]
+            raise RuntimeError(
+                f"configuration {config['label']} failed ({proc.returncode}):\n{tail}"
+            )
+        result = json.loads(out.read_text())
+        result["wall_seconds"] = time.perf_counter() - started
+        result["log_lines"] = [
+            line for line in (proc.stdout + proc.stderr).splitlines() if "vitbatch" in line
+        ][:20]
+        return result
+
+
+def _summary(passes: list[dict]) -> dict[str, Any]:
+    best = min(passes, key=lambda p: p["seconds"])  # steady state: the fastest timed pass
+    ttft = [t for p in passes for t in p["ttft"]]
+    return {
+        "requests_per_s": best["requests"] / best["seconds"],
+        "images_per_s": best["images"] / best["seconds"],
+        "ttft_p50_ms": None if not ttft else 1000 * statistics.median(ttft),
+        "ttft_p99_ms": None if not ttft else 1000 * _percentile(ttft, 0.99),
+        "encoder_calls": best["encoder_calls"],
+        "peak_extra_gib": None
+        if best["peak_extra_bytes"] is None
+        else best["peak_extra_bytes"] / 2**30,
+        "host_restores": best["host_restores"],
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model, dummy = args.model, False
+        if model is None:
+            from vitbatch.bench.qwen_vl_model import build_model_dir
+
+            model, dummy = (
+                str(build_model_dir(Path(tmp) / f"qwen2.5-vl-{args.shape}", args.shape)),
+                True,
+            )
+        rows, results = [], {}
+        for runner in args.runners:
+            for graphs in args.encoder_graphs:
+                for mode in args.modes:
+                    label = f"{runner}/graphs-{graphs}/{mode}"
+                    config = {
+                        "label": label,
+                        "model": model,
+                        "dummy": dummy,
+                        "dtype": args.dtype,
+                        "vitbatch": mode == "vitbatch",
+                        "graphs": graphs == "on",
+                        "graph_budgets": args.graph_budgets,
+                        "options": {
+                            "max_batch_patches": args.max_patches,
+                            "host_cache_bytes": int(args.host_cache_gb * 2**30),
+                        },
+                        "workloads": args.workloads,
+                        "passes": args.passes,
+                        "scale": args.scale,
+                        "max_num_batched_tokens": args.max_num_batched_tokens,
+                        "max_num_seqs": args.max_num_seqs,
+                        "max_model_len": args.max_model_len,
+                        "gpu_memory_utilization": args.gpu_memory_utilization,
+                    }
+                    print(f"running {label} ...", file=sys.stderr, flush=True)
+                    results[label] = _run_child(config, runner, args.timeout)
+        for runner in args.runners:
+            for graphs in args.encoder_graphs:
+                native = results.get(f"{runner}/graphs-{graphs}/native")
+                ours = results.get(f"{runner}/graphs-{graphs}/vitbatch")
+                for name in args.workloads:
+                    row = {"runner": runner, "graphs": graphs, "workload": name}
+                    for mode, result in (("native", native), ("vitbatch", ours)):
+                        if result is not None:
+                            row[mode] = _summary(result["workloads"][name]["passes"])
+                    if native and ours:
+                        a = native["workloads"][name]["token_ids"]
+                        b = ours["workloads"][name]["token_ids"]
+                        row["prompts_compared"] = len(a)
+                        row["mismatches"] = sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
+                        row["speedup"] = (
+                            row["vitbatch"]["requests_per_s"] / row["native"]["requests_per_s"]
+                        )
+                    rows.append(row)
+    print(format_rows(rows))
+    if args.json:
+        from vitbatch.bench.main import _device_name
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        header = {"device": _device_name(device), "torch": torch.__version__, "argv": sys.argv}
+        try:
+            import vllm
+
+            header["vllm"] = vllm.__version__
+        except ImportError:
+            pass
+        args.json.write_text(json.dumps({"run": header, "rows": rows, "raw": results}, indent=1))
+    return 0 if all(row.get("mismatches", 0) == 0 for row in rows) else 1
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = [
+        "| runner | enc. graphs | workload | mode | req/s | img/s | TTFT p50 ms | TTFT p99 ms "
+        "| encoder calls | peak extra GiB | host restores | vs native | equal |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        for mode in ("native", "vitbatch"):
+            s = row.get(mode)
+            if s is None:
+                continue
+            ratio = f"{row['speedup']:.2f}x" if mode == "vitbatch" and "speedup" in row else ""
+            equal = (
+                f"{row['prompts_compared'] - row['mismatches']}/{row['prompts_compared']}"
+                if mode == "vitbatch" and "mismatches" in row
+                else ""
+            )
+            lines.append(
+                f"| {row['runner'].upper()} | {row['graphs']} | {row['workload']} | {mode} "
+                f"| {s['requests_per_s']:.2f} | {s['images_per_s']:.1f} "
+                f"| {_fmt(s['ttft_p50_ms'], '.0f')} | {_fmt(s['ttft_p99_ms'], '.0f')} "
+                f"| {s['encoder_calls']} | {_fmt(s['peak_extra_gib'], '.2f')} "
+                f"| {s['host_restores']} | {ratio} | {equal} |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the child process
+    spec, out = Path(sys.argv[1]), Path(sys.argv[2])
+    out.write_text(json.dumps(child(json.loads(spec.read_text()))))
