@@ -43,10 +43,10 @@ report = json.load(open(sys.argv[1]))
 have = set(open(sys.argv[2]).read().split())
 # torch and CUDA are the machine's own; the rest are optional kernel packages vLLM imports
 # only when a feature asks for them (checked: the serve path below runs without them), and
-# together they would not fit the transfer.
+# together they would not fit the transfer. (apache-tvm-ffi stays: xgrammar imports it.)
 skip = re.compile(
     r"^(torch|torchvision|torchaudio|triton|nvidia-.*|cuda-.*|tilelang|quack-kernels"
-    r"|humming-kernels|tokenspeed-.*|z3-solver|apache-tvm-ffi|fastsafetensors|pynvvideocodec"
+    r"|humming-kernels|tokenspeed-.*|z3-solver|fastsafetensors|pynvvideocodec"
     r"|torch-c-dlpack-ext|pyelftools)$"
 )
 for item in report["install"]:

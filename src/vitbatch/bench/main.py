@@ -78,12 +78,10 @@ def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtyp
     return device, torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def run_environment(
-    args: argparse.Namespace, device: torch.device, dtype: torch.dtype
-) -> dict[str, object]:
-    """What a result JSON records about where it ran (both bench engines)."""
+def run_environment(encoder: str, device: torch.device, dtype: torch.dtype) -> dict[str, object]:
+    """What a result JSON records about where it ran (every bench command)."""
     return {
-        "encoder": args.encoder,
+        "encoder": encoder,
         "device": _device_name(device),
         "dtype": str(dtype),
         "torch": torch.__version__,
@@ -114,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     model = build_encoder(args.encoder, device, dtype)
     reports = [run_workload(args, name, model, device, dtype) for name in args.workload]
     environment = {
-        **run_environment(args, device, dtype),
+        **run_environment(args.encoder, device, dtype),
         "command": "vitbatch bench " + " ".join(sys.argv[2:])
         if sys.argv[1:2] == ["bench"]
         else None,

@@ -79,6 +79,15 @@ SHAPES = {
 }
 
 
+#: Plain-string content: vLLM's chat front end then inserts Qwen2.5-VL's image
+#: placeholders itself (what ``vllm serve`` needs for ``/v1/chat/completions``).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }} "
+    "{{ message['content'] }}<|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+
+
 def _write_tokenizer(path: Path) -> None:
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
@@ -102,6 +111,7 @@ def _write_tokenizer(path: Path) -> None:
                 "eos_token": "<|im_end|>",
                 "pad_token": "<|endoftext|>",
                 "bos_token": None,
+                "chat_template": CHAT_TEMPLATE,
                 "extra_special_tokens": {
                     "image_token": "<|image_pad|>",
                     "video_token": "<|video_pad|>",
@@ -186,3 +196,13 @@ def prompt(num_images: int, words: str = "describe the images") -> str:
     """A raw Qwen2.5-VL chat prompt with ``num_images`` image placeholders."""
     vision = "<|vision_start|><|image_pad|><|vision_end|>" * num_images
     return f"<|im_start|>user {vision} {words}<|im_end|> <|im_start|>assistant "
+
+
+if __name__ == "__main__":  # e.g. for `vllm serve DIR --load-format dummy` (scripts/)
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path", type=Path)
+    parser.add_argument("--shape", default="7b", choices=sorted(SHAPES))
+    cli = parser.parse_args()
+    print(build_model_dir(cli.path, cli.shape))

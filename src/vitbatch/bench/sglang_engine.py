@@ -478,7 +478,7 @@ def run(args: argparse.Namespace) -> int:
             "sglang": sglang_version,
             "sgl_kernel_standin": standin,
             "sgl_kernel_standin_calls": sgl_kernel_standin.calls(),
-            **run_environment(args, device, dtype),
+            **run_environment(args.encoder, device, dtype),
             "cache_mb": args.cache_mb,
             "steps_min": args.steps,
             "repeat": args.repeat,

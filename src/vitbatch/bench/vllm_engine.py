@@ -7,19 +7,25 @@ so the counters are readable), which then runs every workload:
 * ``mixed`` - 64 requests, 1-4 images each, 224-1120 px sides;
 * ``video`` - 32 requests of 8 frames each (images), a quarter of each
   request's frames shared with the other requests;
-* ``resend`` - multi-turn: 48 first turns with 2 images each, then 48 later
-  turns sending the same images again (other text), behind 32 filler requests
-  whose images push the first turns' embeddings out of vLLM's encoder cache
-  (its size follows ``--max-num-batched-tokens``); vitbatch restores them from
-  its host tier.
+* ``resend`` - multi-turn: 48 first turns with 2 images each, then 32 filler
+  requests whose images push the first turns' embeddings out of vLLM's encoder
+  cache (its size follows ``--max-num-batched-tokens``); then, timed, 48 later
+  turns sending the same images again (other text). vLLM re-encodes them;
+  vitbatch restores them from its host tier. Only the later turns are timed:
+  they are what the host tier changes.
 
-Per workload: one warm-up pass, then ``--passes`` timed passes (``max_tokens=1``:
-prefill throughput), each with images of a fresh seed, then one equality pass
-(``max_tokens=8``, greedy) whose token ids are compared between native and
-vitbatch. Figures: prefill requests/s and images/s, TTFT p50/p99 (vLLM's own
-per-request ``first_token_latency``), encoder calls (calls of the model's
-``embed_multimodal``, in both modes), peak GPU memory above the engine's steady
-allocation, and vitbatch's host-tier restores.
+Each workload is a list of phases (one ``LLM.generate`` call each); the last
+phase is the timed one. Per workload: one warm-up pass, then ``--passes`` timed
+passes (``max_tokens=1``: prefill throughput), each with images of a fresh seed,
+then one equality pass (``max_tokens=8``, greedy) whose token ids are compared
+between native and vitbatch. Figures: prefill requests/s and images/s, TTFT
+p50/p99 (vLLM's own per-request ``first_token_latency``), encoder calls (calls
+of the model's ``embed_multimodal``, in both modes), peak GPU memory above the
+engine's steady allocation, and vitbatch's host-tier restores.
+
+``--max-patches`` takes several values (0: no limit beyond vLLM's own encoder
+budget per step): each is one vitbatch configuration, compared with the same
+native run.
 
 Prefix caching is off in every configuration, so a re-sent image reaches the
 encoder path in both modes. With ``--model`` the script runs a real checkpoint;
@@ -43,6 +49,7 @@ from typing import Any
 
 WORKLOADS = ("mixed", "video", "resend")
 RUNNERS = ("v2", "v1")
+MODES = ("native", "vitbatch")
 
 
 # ---------------------------------------------------------------------------
@@ -60,8 +67,8 @@ def _side(rng, low: int, high: int) -> int:
     return int(rng.integers(low // 28, high // 28 + 1)) * 28
 
 
-def workload(name: str, seed: int, scale: float = 1.0) -> list[Request]:
-    """The requests of one pass; image contents are unique to ``seed``."""
+def workload(name: str, seed: int, scale: float = 1.0) -> list[list[Request]]:
+    """The phases of one pass (the last is timed); image contents are unique to ``seed``."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -69,22 +76,26 @@ def workload(name: str, seed: int, scale: float = 1.0) -> list[Request]:
     n = max(2, round(64 * scale))
     if name == "mixed":
         return [
-            Request(
-                tuple(
-                    (_side(rng, 224, 1120), _side(rng, 224, 1120), base + 10 * r + i)
-                    for i in range(int(rng.integers(1, 5)))
+            [
+                Request(
+                    tuple(
+                        (_side(rng, 224, 1120), _side(rng, 224, 1120), base + 10 * r + i)
+                        for i in range(int(rng.integers(1, 5)))
+                    )
                 )
-            )
-            for r in range(n)
+                for r in range(n)
+            ]
         ]
     if name == "video":
         shared = [(448, 448, base + 900_000 + i) for i in range(2)]  # a quarter of 8 frames
         return [
-            Request(
-                tuple(shared + [(448, 448, base + 8 * r + i) for i in range(6)]),
-                "describe the frames",
-            )
-            for r in range(max(2, n // 2))
+            [
+                Request(
+                    tuple(shared + [(448, 448, base + 8 * r + i) for i in range(6)]),
+                    "describe the frames",
+                )
+                for r in range(max(2, n // 2))
+            ]
         ]
     if name == "resend":
         first = [
@@ -96,7 +107,7 @@ def workload(name: str, seed: int, scale: float = 1.0) -> list[Request]:
             for r in range(max(2, n // 2))
         ]
         later = [Request(req.images, "compare the images turn") for req in first]
-        return first + fillers + later
+        return [first + fillers, later]
     raise ValueError(f"unknown workload {name!r}; expected one of {WORKLOADS}")
 
 
@@ -174,18 +185,17 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     results: dict[str, Any] = {"startup_seconds": startup, "workloads": {}}
 
-    def requests_for(name: str, seed: int) -> tuple[list[dict], int]:
-        reqs = workload(name, seed, config["scale"])
-        return (
+    def phases_for(name: str, seed: int) -> list[list[dict]]:
+        return [
             [
                 {
                     "prompt": prompt(len(r.images), r.words),
                     "multi_modal_data": {"image": [_image(*image) for image in r.images]},
                 }
-                for r in reqs
-            ],
-            sum(len(r.images) for r in reqs),
-        )
+                for r in phase
+            ]
+            for phase in workload(name, seed, config["scale"])
+        ]
 
     def stats() -> dict[str, Any]:
         if not config["vitbatch"]:
@@ -194,13 +204,15 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
 
         return vitbatch_stats()
 
+    prefill = SamplingParams(temperature=0.0, max_tokens=1)
     for name in config["workloads"]:
-        prefill = SamplingParams(temperature=0.0, max_tokens=1)
-        warm, _ = requests_for(name, 1)
-        llm.generate(warm, prefill, use_tqdm=False)
+        for phase in phases_for(name, 1):  # warm-up
+            llm.generate(phase, prefill, use_tqdm=False)
         passes = []
         for p in range(config["passes"]):
-            prompts, images = requests_for(name, 2 + p)
+            *untimed, prompts = phases_for(name, 2 + p)
+            for phase in untimed:
+                llm.generate(phase, prefill, use_tqdm=False)
             before_calls, before = calls["calls"], stats()
             if cuda:
                 torch.cuda.synchronize()
@@ -220,7 +232,7 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
                 {
                     "seconds": seconds,
                     "requests": len(prompts),
-                    "images": images,
+                    "images": sum(len(p["multi_modal_data"]["image"]) for p in prompts),
                     "ttft": ttft,
                     "encoder_calls": calls["calls"] - before_calls,
                     "peak_extra_bytes": (torch.cuda.max_memory_allocated() - base_memory)
@@ -233,14 +245,13 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
                     ),
                 }
             )
-        prompts, _ = requests_for(name, 2)
-        greedy = llm.generate(
-            prompts, SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False
-        )
-        results["workloads"][name] = {
-            "passes": passes,
-            "token_ids": [list(out.outputs[0].token_ids) for out in greedy],
-        }
+        greedy = SamplingParams(temperature=0.0, max_tokens=8)
+        token_ids = [
+            list(out.outputs[0].token_ids)
+            for phase in phases_for(name, 2 + config["passes"])
+            for out in llm.generate(phase, greedy, use_tqdm=False)
+        ]
+        results["workloads"][name] = {"passes": passes, "token_ids": token_ids}
     results["vitbatch_stats"] = stats()
     return results
 
@@ -262,15 +273,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("off", "on"),
         help="vLLM's encoder CUDA graphs (V1 runner in vLLM 0.26)",
     )
-    parser.add_argument("--modes", nargs="+", default=["native", "vitbatch"])
+    parser.add_argument("--modes", nargs="+", default=["native", "vitbatch"], choices=MODES)
     parser.add_argument("--passes", type=int, default=2, help="timed passes per workload")
     parser.add_argument("--scale", type=float, default=1.0, help="requests x this")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--max-num-seqs", type=int, default=128)
     parser.add_argument("--max-model-len", type=int, default=16384)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
-    parser.add_argument("--max-patches", type=int, default=16384, help="vitbatch option")
+    parser.add_argument(
+        "--max-patches",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="vitbatch's max_batch_patches; several values: one vitbatch run each (0: no limit)",
+    )
     parser.add_argument("--host-cache-gb", type=float, default=8.0, help="vitbatch option")
     parser.add_argument(
         "--graph-budgets",
@@ -332,9 +349,19 @@ def _summary(passes: list[dict]) -> dict[str, Any]:
     }
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
+def _variants(args: argparse.Namespace) -> list[tuple[str, int | None]]:
+    """(label, max_batch_patches) of each configuration per runner; native has no options."""
+    variants: list[tuple[str, int | None]] = []
+    if "native" in args.modes:
+        variants.append(("native", None))
+    if "vitbatch" in args.modes:
+        for patches in args.max_patches:
+            label = "vitbatch" if len(args.max_patches) == 1 else f"vitbatch p={patches or 'inf'}"
+            variants.append((label, patches or None))
+    return variants
 
+
+def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model, dummy = args.model, False
         if model is None:
@@ -344,21 +371,21 @@ def run(args: argparse.Namespace) -> int:
                 str(build_model_dir(Path(tmp) / f"qwen2.5-vl-{args.shape}", args.shape)),
                 True,
             )
-        rows, results = [], {}
+        results = {}
         for runner in args.runners:
             for graphs in args.encoder_graphs:
-                for mode in args.modes:
+                for mode, patches in _variants(args):
                     label = f"{runner}/graphs-{graphs}/{mode}"
                     config = {
                         "label": label,
                         "model": model,
                         "dummy": dummy,
                         "dtype": args.dtype,
-                        "vitbatch": mode == "vitbatch",
+                        "vitbatch": mode != "native",
                         "graphs": graphs == "on",
                         "graph_budgets": args.graph_budgets,
                         "options": {
-                            "max_batch_patches": args.max_patches,
+                            "max_batch_patches": patches,
                             "host_cache_bytes": int(args.host_cache_gb * 2**30),
                         },
                         "workloads": args.workloads,
@@ -371,30 +398,16 @@ def run(args: argparse.Namespace) -> int:
                     }
                     print(f"running {label} ...", file=sys.stderr, flush=True)
                     results[label] = _run_child(config, runner, args.timeout)
-        for runner in args.runners:
-            for graphs in args.encoder_graphs:
-                native = results.get(f"{runner}/graphs-{graphs}/native")
-                ours = results.get(f"{runner}/graphs-{graphs}/vitbatch")
-                for name in args.workloads:
-                    row = {"runner": runner, "graphs": graphs, "workload": name}
-                    for mode, result in (("native", native), ("vitbatch", ours)):
-                        if result is not None:
-                            row[mode] = _summary(result["workloads"][name]["passes"])
-                    if native and ours:
-                        a = native["workloads"][name]["token_ids"]
-                        b = ours["workloads"][name]["token_ids"]
-                        row["prompts_compared"] = len(a)
-                        row["mismatches"] = sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
-                        row["speedup"] = (
-                            row["vitbatch"]["requests_per_s"] / row["native"]["requests_per_s"]
-                        )
-                    rows.append(row)
+    rows = compare(results, args)
     print(format_rows(rows))
     if args.json:
-        from vitbatch.bench.main import _device_name
+        import torch
+
+        from vitbatch.bench.main import DTYPES, run_environment
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        header = {"device": _device_name(device), "torch": torch.__version__, "argv": sys.argv}
+        model = args.model or f"Qwen2.5-VL-{args.shape}-shaped, dummy weights"
+        header = {**run_environment(model, device, DTYPES[args.dtype]), "argv": sys.argv}
         try:
             import vllm
 
@@ -403,6 +416,31 @@ def run(args: argparse.Namespace) -> int:
             pass
         args.json.write_text(json.dumps({"run": header, "rows": rows, "raw": results}, indent=1))
     return 0 if all(row.get("mismatches", 0) == 0 for row in rows) else 1
+
+
+def compare(results: dict[str, dict], args: argparse.Namespace) -> list[dict]:
+    """One row per (runner, graphs, workload, mode): its summary, and against native its
+    speedup and how many greedy outputs are identical."""
+    rows = []
+    for runner in args.runners:
+        for graphs in args.encoder_graphs:
+            native = results.get(f"{runner}/graphs-{graphs}/native")
+            for name in args.workloads:
+                for mode, _ in _variants(args):
+                    result = results[f"{runner}/graphs-{graphs}/{mode}"]
+                    row = {"runner": runner, "graphs": graphs, "workload": name, "mode": mode}
+                    row.update(_summary(result["workloads"][name]["passes"]))
+                    if native is not None and mode != "native":
+                        a = native["workloads"][name]["token_ids"]
+                        b = result["workloads"][name]["token_ids"]
+                        row["prompts_compared"] = len(a)
+                        row["mismatches"] = sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
+                        row["speedup"] = (
+                            row["requests_per_s"]
+                            / _summary(native["workloads"][name]["passes"])["requests_per_s"]
+                        )
+                    rows.append(row)
+    return rows
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -416,23 +454,19 @@ def format_rows(rows: list[dict]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
-        for mode in ("native", "vitbatch"):
-            s = row.get(mode)
-            if s is None:
-                continue
-            ratio = f"{row['speedup']:.2f}x" if mode == "vitbatch" and "speedup" in row else ""
-            equal = (
-                f"{row['prompts_compared'] - row['mismatches']}/{row['prompts_compared']}"
-                if mode == "vitbatch" and "mismatches" in row
-                else ""
-            )
-            lines.append(
-                f"| {row['runner'].upper()} | {row['graphs']} | {row['workload']} | {mode} "
-                f"| {s['requests_per_s']:.2f} | {s['images_per_s']:.1f} "
-                f"| {_fmt(s['ttft_p50_ms'], '.0f')} | {_fmt(s['ttft_p99_ms'], '.0f')} "
-                f"| {s['encoder_calls']} | {_fmt(s['peak_extra_gib'], '.2f')} "
-                f"| {s['host_restores']} | {ratio} | {equal} |"
-            )
+        ratio = f"{row['speedup']:.2f}x" if "speedup" in row else ""
+        equal = (
+            f"{row['prompts_compared'] - row['mismatches']}/{row['prompts_compared']}"
+            if "mismatches" in row
+            else ""
+        )
+        lines.append(
+            f"| {row['runner'].upper()} | {row['graphs']} | {row['workload']} | {row['mode']} "
+            f"| {row['requests_per_s']:.2f} | {row['images_per_s']:.1f} "
+            f"| {_fmt(row['ttft_p50_ms'], '.0f')} | {_fmt(row['ttft_p99_ms'], '.0f')} "
+            f"| {row['encoder_calls']} | {_fmt(row['peak_extra_gib'], '.2f')} "
+            f"| {row['host_restores']} | {ratio} | {equal} |"
+        )
     return "\n".join(lines)
 
 
