@@ -204,6 +204,11 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
 
         return vitbatch_stats()
 
+    profiler = None
+    if config.get("profile"):  # the timed passes only (engine core runs in this process)
+        import cProfile
+
+        profiler = cProfile.Profile()
     prefill = SamplingParams(temperature=0.0, max_tokens=1)
     for name in config["workloads"]:
         for phase in phases_for(name, 1):  # warm-up
@@ -219,7 +224,11 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
                 torch.cuda.reset_peak_memory_stats()
                 base_memory = torch.cuda.memory_allocated()
             t0 = time.perf_counter()
+            if profiler is not None:
+                profiler.enable()
             outputs = llm.generate(prompts, prefill, use_tqdm=False)
+            if profiler is not None:
+                profiler.disable()
             seconds = time.perf_counter() - t0
             ttft = [
                 out.metrics.first_token_latency
@@ -253,6 +262,16 @@ def child(config: dict[str, Any]) -> dict[str, Any]:
         ]
         results["workloads"][name] = {"passes": passes, "token_ids": token_ids}
     results["vitbatch_stats"] = stats()
+    if profiler is not None:
+        import io
+        import pstats
+
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+        results["profile_tottime"] = text.getvalue()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(50)
+        results["profile_cumulative"] = text.getvalue()
     return results
 
 
@@ -288,13 +307,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[0],
         help="vitbatch's max_batch_patches; several values: one vitbatch run each (0: no limit)",
     )
-    parser.add_argument("--host-cache-gb", type=float, default=8.0, help="vitbatch option")
+    parser.add_argument(
+        "--host-cache-gb", type=float, default=1.0, help="vitbatch's host_cache_bytes, in GiB"
+    )
     parser.add_argument(
         "--graph-budgets",
         type=int,
         nargs="+",
         default=[2048, 4096, 8192],
         help="encoder_cudagraph_token_budgets when --encoder-graphs on",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile the timed passes of each configuration (top functions go into the JSON)",
     )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
@@ -395,6 +421,7 @@ def run(args: argparse.Namespace) -> int:
                         "max_num_seqs": args.max_num_seqs,
                         "max_model_len": args.max_model_len,
                         "gpu_memory_utilization": args.gpu_memory_utilization,
+                        "profile": args.profile,
                     }
                     print(f"running {label} ...", file=sys.stderr, flush=True)
                     results[label] = _run_child(config, runner, args.timeout)
