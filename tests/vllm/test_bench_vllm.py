@@ -76,7 +76,12 @@ def test_bench_vllm_runs_both_modes_equal_on_cpu(tmp_path: Path) -> None:
         for m in ("native", "vitbatch p=inf", "vitbatch p=4096")
     }
     for row in rows:
-        assert row["encoder_calls"] >= 1 and row["requests_per_s"] > 0
+        assert row["requests_per_s"] > 0, row
+        # every timed image is either encoded or (resend with vitbatch)
+        # restored from the host tier: the resend pass may encode nothing
+        assert row["encoder_calls"] + row["host_restores"] >= 1, row
+        if row["workload"] != "resend":
+            assert row["encoder_calls"] >= 1, row
         if row["mode"] != "native":
             assert row["mismatches"] == 0 and row["prompts_compared"] >= 3
     by = {(r["workload"], r["mode"]): r for r in rows}
