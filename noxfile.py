@@ -82,14 +82,16 @@ def sglang(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def sglang_oldest(session: nox.Session) -> None:
-    """The oldest supported SGLang (0.5.19): the differential suite and the engine surface
-    check, where releases differ; the rest of tests/sglang runs against the newest only."""
+    """The oldest supported SGLang (0.5.19): the differential suite, the shared-cache suite
+    and the engine surface check, where releases differ; the rest of tests/sglang runs
+    against the newest only."""
     with _environment(session, "sglang", SGLANG_OLDEST):
         session.run(
             "python",
             "-m",
             "pytest",
             "tests/sglang/test_differential.py",
+            "tests/sglang/test_shared_cache.py",
             "tests/sglang/test_surface.py",
             *session.posargs,
         )

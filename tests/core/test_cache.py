@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vitbatch.core import EmbeddingCache, ItemKey
+from vitbatch.core.host_tier import LruTier, tensor_bytes
 
 
 def t(rows: int, value: float = 0.0) -> torch.Tensor:
@@ -81,3 +83,45 @@ def test_cache_never_exceeds_bounds_and_returns_what_was_stored(capacity, host, 
                 assert (key in cache) == present or key in cache.host_keys()
         assert cache.used_bytes <= cache.capacity_bytes
         assert cache.host_used_bytes <= cache.host_capacity_bytes
+
+
+class ReplaceableTier:
+    """A device tier whose storage its owner can replace (as an engine re-creates its
+    cache): a fresh ``LruTier`` behind it and a bumped generation."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity_each = capacity
+        self.generation = 0
+        self.tier = LruTier(capacity, tensor_bytes)
+
+    def replace(self) -> None:
+        self.tier = LruTier(self.capacity_each, tensor_bytes)
+        self.generation += 1
+
+    def __getattr__(self, name: str):
+        return getattr(self.tier, name)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.tier
+
+    def __len__(self) -> int:
+        return len(self.tier)
+
+
+def test_engine_device_tier_demotes_and_follows_replacement() -> None:
+    tier = ReplaceableTier(2 * 16 * 2)
+    cache = EmbeddingCache(device_tier=tier, host_capacity_bytes=4 * 16 * 2)
+    assert cache.capacity_bytes == tier.capacity_each
+    for h in range(3):
+        assert cache.put(ItemKey(h, 2), t(2, h))
+    assert cache.host_keys() == [ItemKey(0, 2)]  # evicted from the engine's tier, demoted
+    assert tier.tier.used == cache.used_bytes == 2 * 16 * 2
+    assert torch.equal(cache.get(ItemKey(0, 2)), t(2, 0)) and cache.stats.host_hits == 1
+    tier.replace()  # the engine re-created its cache: nothing of the old one serves
+    assert ItemKey(1, 2) not in cache and len(cache) == 0 and cache.host_used_bytes == 0
+    assert cache.get(ItemKey(2, 2)) is None
+
+
+def test_device_tier_and_capacity_are_exclusive() -> None:
+    with pytest.raises(ValueError, match="capacity_bytes or device_tier"):
+        EmbeddingCache(1024, device_tier=ReplaceableTier(16))

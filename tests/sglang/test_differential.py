@@ -16,6 +16,9 @@ import torch
 
 from tests.sglang.conftest import (
     FakeEncoder,
+    ItemSpec,
+    Modality,
+    RequestSpec,
     build_step,
     mm_schedule,
     random_requests,
@@ -28,9 +31,10 @@ STEPS = {"count": 0, "vitbatch_requests": 0}
 CACHE_BYTES = 1 << 20
 
 
-def run_sequence(sequence, encoder, patched_fn, settings=None):
-    """Run every step of ``sequence`` through get_embedding_and_mask with ``patched_fn`` active."""
-    mm_schedule.init_mm_embedding_cache(CACHE_BYTES)
+def run_sequence(sequence, encoder, patched_fn, settings=None, cache_bytes=CACHE_BYTES):
+    """Run every step of ``sequence`` through get_embedding_and_mask with ``patched_fn`` active,
+    on a fresh SGLang embedding cache of ``cache_bytes``."""
+    mm_schedule.init_mm_embedding_cache(cache_bytes)
     if settings is not None:
         adapter.reset_state(settings)
     outputs = []
@@ -73,7 +77,7 @@ def test_plugin_equals_sglang_with_unbounded_budget(native_and_plugin, seed) -> 
     native_encoder = FakeEncoder(per_item_list)
     native = run_sequence(sequence, native_encoder, original)
     plugin_encoder = FakeEncoder(per_item_list)
-    settings = adapter.Settings(enabled=True, max_patches=0, max_items=0, cache_mb=1)
+    settings = adapter.Settings(enabled=True, max_patches=0, max_items=0)
     plugin = run_sequence(sequence, plugin_encoder, patched, settings)
     STEPS["count"] += len(sequence)
 
@@ -93,9 +97,7 @@ def test_plugin_equals_sglang_and_respects_budget(native_and_plugin, seed) -> No
 
     native = run_sequence(sequence, FakeEncoder(), original)
     plugin_encoder = FakeEncoder(per_item_list=bool(seed % 2))
-    settings = adapter.Settings(
-        enabled=True, max_patches=max_patches, max_items=max_items, cache_mb=1
-    )
+    settings = adapter.Settings(enabled=True, max_patches=max_patches, max_items=max_items)
     plugin = run_sequence(sequence, plugin_encoder, patched, settings)
     STEPS["count"] += len(sequence)
 
@@ -116,15 +118,40 @@ def test_enough_differential_steps_ran() -> None:
 
 
 def test_tiny_host_tier_still_equal(native_and_plugin) -> None:
-    """A device cache too small for one step: evictions to the host tier and back."""
+    """SGLang's cache (vitbatch's device tier) too small for one step: evictions to the
+    host tier and back."""
     original, patched = native_and_plugin
     rng = random.Random(12345)
     sequence = [random_requests(rng, pool=3) for _ in range(12)]
-    native = run_sequence(sequence, FakeEncoder(), original)
-    settings = adapter.Settings(enabled=True, cache_mb=0, host_cache_mb=1)
-    plugin = run_sequence(sequence, FakeEncoder(), patched, settings)
+    tiny = 40 * 8 * 8  # 40 rows of 8 float64: a few items at most
+    native = run_sequence(sequence, FakeEncoder(), original, cache_bytes=tiny)
+    settings = adapter.Settings(enabled=True, host_cache_mb=1)
+    plugin = run_sequence(sequence, FakeEncoder(), patched, settings, cache_bytes=tiny)
     assert_same(native, plugin)
     assert adapter.get_state().fallbacks == 0
+
+
+def test_sglang_cache_evictions_demote_to_the_host_tier(native_and_plugin) -> None:
+    """Room for two images in SGLang's cache: the third evicts the first into vitbatch's host
+    tier, and the first comes back from there (no encoder call), equal to SGLang's output."""
+    original, patched = native_and_plugin
+
+    def image(hash_: int, position: int = 2) -> RequestSpec:
+        return RequestSpec(
+            [ItemSpec(hash_, Modality.IMAGE, [(position, position + 15)])], 20, 0, 20
+        )
+
+    sequence = [[image(1), image(2, 3)], [image(3)], [image(1)]]
+    two_images = 2 * 16 * 8 * 8  # 16 rows of 8 float64 each
+    native = run_sequence(sequence, FakeEncoder(), original, cache_bytes=two_images)
+    encoder = FakeEncoder()
+    settings = adapter.Settings(enabled=True, host_cache_mb=1)
+    plugin = run_sequence(sequence, encoder, patched, settings, cache_bytes=two_images)
+    assert_same(native, plugin)
+    stats = adapter.get_state().batcher.cache.stats
+    assert stats.evictions == 2 and stats.host_hits == 1  # 3 evicts 1; 1, back, evicts 2
+    assert [item.hash for call in encoder.calls for item in call] == [1, 2, 3]
+    assert mm_schedule.embedding_cache.current_size <= two_images
 
 
 def test_plugin_error_falls_back_to_native_once_logged(native_and_plugin, caplog) -> None:

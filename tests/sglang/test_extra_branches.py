@@ -42,7 +42,7 @@ def test_plugin_equals_sglang_per_request_platform_branch(
         sequence,
         plugin_encoder,
         patched,
-        adapter.Settings(enabled=True, max_patches=0, max_items=0, cache_mb=1),
+        adapter.Settings(enabled=True, max_patches=0, max_items=0),
     )
     assert adapter.get_state().fallbacks == 0
     assert_same(native, plugin)
@@ -62,7 +62,7 @@ def test_plugin_equals_sglang_with_sglang_cache_disabled(native_and_plugin, seed
     try:
         mm_schedule._get_chunked_prefill_embedding = original
         native = [run_get_embedding_and_mask(build_step(r), native_encoder) for r in sequence]
-        adapter.reset_state(adapter.Settings(enabled=True, max_patches=0, max_items=0, cache_mb=1))
+        adapter.reset_state(adapter.Settings(enabled=True, max_patches=0, max_items=0))
         mm_schedule.init_mm_embedding_cache(0)
         mm_schedule._get_chunked_prefill_embedding = patched
         plugin = [run_get_embedding_and_mask(build_step(r), FakeEncoder()) for r in sequence]
@@ -73,35 +73,35 @@ def test_plugin_equals_sglang_with_sglang_cache_disabled(native_and_plugin, seed
     assert_same(native, plugin)
 
 
-def test_vitbatch_cache_follows_sglangs_reserved_size(native_and_plugin, monkeypatch) -> None:
-    """By default vitbatch's cache is the memory SGLang reserved (SGLANG_VLM_CACHE_SIZE_MB);
-    where SGLang turns caching off (0), vitbatch keeps nothing across steps either."""
+def test_vitbatch_cache_is_sglangs_cache(native_and_plugin, caplog) -> None:
+    """vitbatch keeps no device cache of its own: where SGLang turns caching off (a cache of
+    0 bytes) vitbatch stores nothing across steps either, and the deprecated
+    --vit-batch-cache-mb changes nothing but earns a warning."""
     _, patched = native_and_plugin
-    monkeypatch.setenv("SGLANG_VLM_CACHE_SIZE_MB", "0")
-    mm_schedule.init_mm_embedding_cache(0)
-    adapter.reset_state(adapter.Settings(enabled=True))
     requests = [
         RequestSpec([ItemSpec(11, Modality.IMAGE, [(2, 9)])], length=12, prefix=0, extend=12)
     ]
+    with caplog.at_level("WARNING", logger="vitbatch.sglang"):
+        state = adapter.reset_state(adapter.Settings(enabled=True, cache_mb=7))
+    assert any("--vit-batch-cache-mb" in r.getMessage() for r in caplog.records)
     previous = mm_schedule._get_chunked_prefill_embedding
+    encoder = FakeEncoder()
     try:
         mm_schedule._get_chunked_prefill_embedding = patched
-        run_get_embedding_and_mask(build_step(requests), FakeEncoder())
+        mm_schedule.init_mm_embedding_cache(0)
+        run_get_embedding_and_mask(build_step(requests), encoder)
+        run_get_embedding_and_mask(build_step(requests), encoder)
+        assert state.batcher.cache.capacity_bytes == 0 and len(mm_schedule.embedding_cache) == 0
+        assert state.batcher.cache.stats.stored == 0 and len(encoder.calls) == 2
+        mm_schedule.init_mm_embedding_cache(CACHE_BYTES)
+        assert state.batcher.cache.capacity_bytes == CACHE_BYTES
+        run_get_embedding_and_mask(build_step(requests), encoder)
+        run_get_embedding_and_mask(build_step(requests), encoder)
     finally:
         mm_schedule._get_chunked_prefill_embedding = previous
         mm_schedule.init_mm_embedding_cache(CACHE_BYTES)
-    state = adapter.get_state()
-    assert state.batcher.cache.capacity_bytes == 0
-    assert state.batcher.cache.stats.stored == 0 and state.batcher.totals.encoder_calls == 1
-    monkeypatch.setenv("SGLANG_VLM_CACHE_SIZE_MB", "100")
-    assert (
-        adapter.reset_state(adapter.Settings(enabled=True)).batcher.cache.capacity_bytes
-        == 100 << 20
-    )
-    assert (
-        adapter.reset_state(adapter.Settings(enabled=True, cache_mb=7)).batcher.cache.capacity_bytes
-        == 7 << 20
-    )
+    assert len(encoder.calls) == 3 and state.batcher.cache.stats.stored == 1
+    assert state.fallbacks == 0
 
 
 def test_items_listed_out_of_position_order(native_and_plugin) -> None:

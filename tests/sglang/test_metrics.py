@@ -30,7 +30,7 @@ from vitbatch.adapters import sglang as adapter
 
 adapter.register()
 HookRegistry.apply_hooks()  # vitbatch's AROUND hook on SGLang's function, as in a scheduler
-adapter.reset_state(adapter.Settings(enabled=True, max_patches=8, max_items=2, cache_mb=1))
+adapter.reset_state(adapter.Settings(enabled=True, max_patches=8, max_items=2))
 mm_schedule.init_mm_embedding_cache(1 << 20)
 rng = random.Random(7)
 for _ in range(6):

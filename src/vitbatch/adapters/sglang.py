@@ -20,6 +20,11 @@ core plan, encode (``vitbatch_encode_batch``, default: SGLang's own
 expects. Requests SGLang sends through its per-request "full" path (multi-run
 non-audio items, EVS) keep that native path. Any exception: log once, run
 SGLang's own function for that step.
+
+One cache: vitbatch's device tier *is* SGLang's ``mm_schedule.embedding_cache``
+(``sglang_cache``), so what either side encodes is a hit for the other, memory
+stays within what SGLang reserved, and ``init_mm_embedding_cache()`` resets what
+vitbatch sees. ``--vit-batch-host-cache-mb`` adds a pinned host tier below it.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vitbatch.adapters import sglang_surface as surface
+from vitbatch.adapters.sglang_cache import SGLangDeviceTier
 from vitbatch.core import Budget, EmbeddingCache, Item, RequestChunk, Span, VitBatcher, Window
 from vitbatch.core.agreement import group_agree
 from vitbatch.metrics import export_batcher
@@ -64,10 +70,10 @@ RENAMED_MESSAGE = (
 class Settings:
     """What the flags say, in the form that travels through the environment.
 
-    ``cache_mb=None`` means "what SGLang reserved for multimodal embeddings"
-    (``SGLANG_VLM_CACHE_SIZE_MB``, 100 MiB by default, 0 where SGLang turns
-    caching off): that memory is set aside from the KV-cache budget, so using
-    more would risk running out of GPU memory at run time.
+    ``cache_mb`` is deprecated and ignored (still validated, so an old launch
+    line with a bad value fails as before): vitbatch's device cache is SGLang's
+    own, sized by ``SGLANG_VLM_CACHE_SIZE_MB`` — the memory SGLang sets aside
+    from the KV-cache budget — so there is no second bound to choose.
     """
 
     enabled: bool = False
@@ -137,12 +143,15 @@ class Settings:
         """Budget in encoder patches (``Item.cost``, see :func:`core_item`)."""
         return Budget(self.max_patches or None, self.max_items or None)
 
-    def resolved_cache_mb(self) -> int:
-        if self.cache_mb is not None:
-            return self.cache_mb
-        from sglang.srt.environ import envs
-
-        return int(envs.SGLANG_VLM_CACHE_SIZE_MB.get())
+    def deprecation(self) -> str | None:
+        """The warning a deprecated setting earns, or ``None``."""
+        if self.cache_mb is None:
+            return None
+        return (
+            f"vitbatch: --vit-batch-cache-mb / VITBATCH_CACHE_MB ({self.cache_mb}) is deprecated "
+            "and ignored: vitbatch now shares SGLang's embedding cache, sized by "
+            "SGLANG_VLM_CACHE_SIZE_MB (0 turns it off); --vit-batch-host-cache-mb adds a host tier"
+        )
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -183,8 +192,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "--vit-batch-cache-mb",
         type=int,
         default=None,
-        help="vitbatch embedding cache on the GPU, MiB "
-        "(default: SGLANG_VLM_CACHE_SIZE_MB, what SGLang reserves).",
+        help="Deprecated, ignored: vitbatch uses SGLang's embedding cache "
+        "(size it with SGLANG_VLM_CACHE_SIZE_MB).",
     )
     group.add_argument(
         "--vit-batch-host-cache-mb",
@@ -247,6 +256,8 @@ def _after_from_cli_args(_result: Any, _cls: type, args: argparse.Namespace) -> 
     if not settings.enabled:
         return
     os.environ.update(settings.to_env())  # spawned scheduler processes read these
+    if (warning := settings.deprecation()) is not None:
+        logger.warning("%s", warning)
     _register_mm_hook()
     from sglang.srt.plugins.hook_registry import HookRegistry
 
@@ -280,7 +291,7 @@ class AdapterState:
 
     def __init__(self, settings: Settings) -> None:
         cache = EmbeddingCache(
-            settings.resolved_cache_mb() * MB, host_capacity_bytes=settings.host_cache_mb * MB
+            device_tier=SGLangDeviceTier(), host_capacity_bytes=settings.host_cache_mb * MB
         )
         self.settings = settings
         self.batcher = VitBatcher(
@@ -292,6 +303,8 @@ class AdapterState:
         self.fallbacks = 0
         self.unsupported = 0
         self._logged: set[str] = set()
+        if (warning := settings.deprecation()) is not None:
+            self.log_once("deprecated", "%s", warning)
         self._model_seen = False
         export_batcher(self.batcher, _metric_labels())
 
@@ -335,11 +348,20 @@ def _expected_hidden_size(data_embedding_func: Callable) -> int | None:
 
 
 def _agree_group() -> Any:
-    """The CPU group of the ranks that share the vision tower, or ``None``.
+    """The CPU group of the attention-TP ranks, or ``None`` at attention-TP size 1.
 
-    SGLang shards the tower over the attention-TP group at TP > 1 unless the
-    encoder runs data-parallel (``--mm-enable-dp-encoder``: each rank encodes
-    its own items, nothing to agree on)."""
+    Every encoder call at attention-TP > 1 is a collective: the tower is sharded
+    over the group, and with ``--mm-enable-dp-encoder`` each call's items are
+    split over the ranks and all-gathered. Each rank has its own copy of
+    SGLang's embedding cache (a per-process global), and the caches drift apart
+    (a step served natively on one rank's terms, an eviction order changed by a
+    failed restore), so a hit on one rank may be a miss on another. SGLang after
+    0.5.23 agrees its cache misses over this group before encoding (a SUM
+    all-reduce of per-item miss flags; an item missed anywhere is encoded
+    everywhere); vitbatch's agreement 1 (``vitbatch.core.agreement``) does the
+    same for its own plan — per distinct item "no usable cached embedding",
+    MAX-reduced — plus a step checksum and the call capacity, so its micro-batches
+    are identical on every rank whatever each rank's cache holds."""
     try:
         from sglang.srt.distributed.parallel_state import get_attn_tp_group
 
@@ -348,13 +370,6 @@ def _agree_group() -> Any:
         return None
     if group is None or group.world_size <= 1:
         return None
-    try:
-        from sglang.srt.runtime_context import get_mm
-
-        if get_mm().mm_enable_dp_encoder:
-            return None
-    except Exception:  # noqa: BLE001 - no such mode in this SGLang: the tower is sharded
-        pass
     return group.cpu_group
 
 
@@ -409,7 +424,7 @@ def _around_chunked_prefill(
         return original(*args, **kwargs)
     state: AdapterState | None = None
     try:
-        state = get_state()
+        state = get_state()  # inside the try: a state that cannot be built costs speed only
         state.see_model(args[0])
         return chunked_prefill_embedding(state, original, *args)
     except Unsupported as reason:

@@ -41,7 +41,20 @@ SURFACE: tuple[tuple[str, str | None], ...] = (
     (MM_SCHEDULE, "_get_chunked_embedding_by_item"),
     (MM_SCHEDULE, "_can_skip_pre_embed_feature_move"),
     ("sglang.srt.environ", "envs.SGLANG_VLM_CACHE_SIZE_MB"),
+    # The one embedding cache (sglang_cache.SGLangDeviceTier). Its instance attributes
+    # mm_cache (an OrderedDict in LRU order), max_size and current_size are checked on a
+    # live cache by embedding_cache_problem(); the same in 0.5.19 and 0.5.23.
+    (MM_SCHEDULE, "embedding_cache"),
+    (MM_SCHEDULE, "init_mm_embedding_cache"),
+    ("sglang.srt.mem_cache.multimodal_cache", "EmbeddingResult"),
+    ("sglang.srt.mem_cache.multimodal_cache", "_get_tensor_size"),
+    ("sglang.srt.mem_cache.multimodal_cache", "MultiModalStaticCache.get_single"),
+    ("sglang.srt.mem_cache.multimodal_cache", "MultiModalStaticCache.set"),
+    ("sglang.srt.mem_cache.multimodal_cache", "MultiModalStaticCache.free"),
+    ("sglang.srt.mem_cache.multimodal_cache", "MultiModalStaticCache.clear"),
 )
+
+CACHE_ATTRIBUTES = ("mm_cache", "max_size", "current_size")
 
 
 def sglang_version() -> str:
@@ -65,9 +78,26 @@ def missing_piece(surface: tuple[tuple[str, str | None], ...] = SURFACE) -> str 
     return None
 
 
+def embedding_cache_problem() -> str | None:
+    """The first instance attribute the adapter reads that a ``MultiModalStaticCache``
+    lacks (checked on a throwaway instance), or None."""
+    from sglang.srt.mem_cache.multimodal_cache import MultiModalStaticCache
+
+    cache = MultiModalStaticCache(0)
+    for attribute in CACHE_ATTRIBUTES:
+        if not hasattr(cache, attribute):
+            return f"sglang.srt.mem_cache.multimodal_cache.MultiModalStaticCache().{attribute}"
+    return None
+
+
 def surface_problem(surface: tuple[tuple[str, str | None], ...] = SURFACE) -> str | None:
     """One log line naming the missing piece and the SGLang version, or None when all is there."""
     missing = missing_piece(surface)
+    if missing is None and surface is SURFACE:
+        try:
+            missing = embedding_cache_problem()
+        except Exception as error:  # noqa: BLE001 - an unusable cache class is a missing piece
+            missing = f"a usable MultiModalStaticCache ({error})"
     if missing is None:
         return None
     return (

@@ -224,8 +224,9 @@ def install_hook() -> tuple[Callable, Callable]:
 
 
 class ModeState:
-    """What one mode keeps across the steps of a pass: SGLang's cache and offload
-    event, vitbatch's adapter state, the engine's items of each request."""
+    """What one mode keeps across the steps of a pass: SGLang's cache (in vitbatch mode
+    also vitbatch's device tier) and offload event, vitbatch's adapter state, the engine's
+    items of each request."""
 
     def __init__(self, mode: str, function: Callable, args: argparse.Namespace) -> None:
         from sglang.srt.managers import mm_schedule
@@ -241,7 +242,6 @@ class ModeState:
             adapter.reset_state(
                 adapter.Settings(
                     enabled=True,
-                    cache_mb=args.cache_mb,
                     max_patches=args.max_patches,
                     max_items=args.max_items,
                 )

@@ -1,7 +1,7 @@
 """Engine-agnostic core: items, planning, caching, offload, the step engine. Torch only."""
 
 from vitbatch.core.batcher import StepObserver, StepResult, VitBatcher
-from vitbatch.core.cache import CacheStats, EmbeddingCache
+from vitbatch.core.cache import CacheStats, DeviceTier, EmbeddingCache
 from vitbatch.core.errors import (
     AssemblyError,
     EncoderOutputError,
@@ -33,6 +33,7 @@ __all__ = [
     "AssemblyError",
     "Budget",
     "CacheStats",
+    "DeviceTier",
     "EmbeddingCache",
     "EncoderOutput",
     "EncoderOutputError",

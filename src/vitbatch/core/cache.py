@@ -10,6 +10,13 @@ Entries held by the current step are never evicted: a request that planned on a
 hit must find it when the chunk is assembled. If a new entry cannot fit without
 evicting held ones, it is simply not stored; the step keeps its own reference,
 so nothing is lost, and the byte bound is never exceeded.
+
+The device tier is pluggable (:class:`DeviceTier`): by default a vitbatch
+:class:`LruTier`, but an adapter may hand in a view of the engine's own cache so
+that there is one cache, not two (SGLang: ``mm_schedule.embedding_cache``). Such
+a tier can be replaced underneath (the engine re-creates its cache); it then
+bumps its ``generation``, and the host tier — entries demoted from the old
+cache — is dropped with it.
 """
 
 from __future__ import annotations
@@ -17,13 +24,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from vitbatch.core.host_tier import LruTier, tensor_bytes, to_host
 from vitbatch.core.items import ItemKey
 
-__all__ = ["CacheStats", "EmbeddingCache", "tensor_bytes"]
+__all__ = ["CacheStats", "DeviceTier", "EmbeddingCache", "tensor_bytes"]
 
 
 @dataclass
@@ -39,6 +47,43 @@ class CacheStats:
     host_evictions: int = 0
 
 
+class DeviceTier(Protocol):
+    """What :class:`EmbeddingCache` needs of its device tier (:class:`LruTier` has it all).
+
+    Sizes are in bytes. ``put`` must honour ``protected`` (never evict those
+    keys) and return what it evicted, or ``None`` — with nothing evicted — when
+    the entry cannot fit. ``generation`` changes when the storage behind the
+    tier is replaced by its owner (an engine re-creating its cache).
+    """
+
+    @property
+    def capacity(self) -> int: ...
+
+    @property
+    def used(self) -> int: ...
+
+    @property
+    def generation(self) -> int: ...
+
+    def __contains__(self, key: object) -> bool: ...
+
+    def __len__(self) -> int: ...
+
+    def items(self) -> list[tuple[ItemKey, torch.Tensor]]: ...
+
+    def peek(self, key: ItemKey) -> torch.Tensor | None: ...
+
+    def touch(self, key: ItemKey) -> None: ...
+
+    def pop(self, key: ItemKey) -> torch.Tensor | None: ...
+
+    def put(
+        self, key: ItemKey, value: torch.Tensor, protected: Iterable[ItemKey] = ()
+    ) -> list[tuple[ItemKey, torch.Tensor]] | None: ...
+
+    def clear(self) -> None: ...
+
+
 def _tier(capacity_bytes: int) -> LruTier[ItemKey, torch.Tensor]:
     return LruTier(capacity_bytes, tensor_bytes)
 
@@ -46,18 +91,34 @@ def _tier(capacity_bytes: int) -> LruTier[ItemKey, torch.Tensor]:
 class EmbeddingCache:
     """Encoder outputs keyed by :class:`ItemKey`, bounded in bytes.
 
-    :param capacity_bytes: bound of the device tier (entries as produced by the
-        encoder, on whatever device it ran).
+    :param capacity_bytes: bound of vitbatch's own device tier (entries as
+        produced by the encoder, on whatever device it ran).
     :param host_capacity_bytes: bound of the host tier; 0 disables it. Evicted
         device entries move here (pinned when CUDA is available) and come back
         with a non-blocking copy on the next hit instead of being re-encoded.
+    :param device_tier: an engine's cache seen as a :class:`DeviceTier`, used
+        instead of a tier of vitbatch's own (then ``capacity_bytes`` must be 0:
+        the engine's cache has its own bound). Only evictions made through this
+        cache are demoted to the host tier; what the engine evicts itself is gone.
     """
 
-    def __init__(self, capacity_bytes: int, host_capacity_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        capacity_bytes: int = 0,
+        host_capacity_bytes: int = 0,
+        *,
+        device_tier: DeviceTier | None = None,
+    ) -> None:
         if capacity_bytes < 0 or host_capacity_bytes < 0:
             raise ValueError("cache capacities must be >= 0")
-        self._device = _tier(capacity_bytes)
+        if device_tier is not None and capacity_bytes:
+            raise ValueError(
+                "EmbeddingCache: give capacity_bytes or device_tier, not both "
+                "(a device_tier has its own bound)"
+            )
+        self._device: DeviceTier = device_tier if device_tier is not None else _tier(capacity_bytes)
         self._host = _tier(host_capacity_bytes)
+        self._generation = self._device.generation
         self._held: set[ItemKey] = set()
         self._home: dict[ItemKey, torch.device] = {}
         self.stats = CacheStats()
@@ -80,23 +141,28 @@ class EmbeddingCache:
         return self._host.used
 
     def __len__(self) -> int:
-        return len(self._device.entries) + len(self._host.entries)
+        self._follow_device_tier()
+        return len(self._device) + len(self._host)
 
     def __contains__(self, key: ItemKey) -> bool:
+        self._follow_device_tier()
         return key in self._device or key in self._host
 
     def peek_all(self) -> list[tuple[ItemKey, torch.Tensor]]:
         """Every entry of both tiers, without touching LRU order or statistics (checks, tests)."""
-        return [*self._device.entries.items(), *self._host.entries.items()]
+        self._follow_device_tier()
+        return [*self._device.items(), *self._host.items()]
 
     def host_keys(self) -> list[ItemKey]:
         """Keys held only in the host tier (an adapter may advertise them)."""
+        self._follow_device_tier()
         return list(self._host.entries)
 
     # -- step protection -----------------------------------------------------
     @contextmanager
     def hold(self, keys: Iterable[ItemKey]) -> Iterator[None]:
         """Protect ``keys`` from eviction for the duration of a step."""
+        self._follow_device_tier()
         added = set(keys) - self._held
         self._held |= added
         try:
@@ -111,6 +177,7 @@ class EmbeddingCache:
         A host-tier hit is copied back to the device the entry came from and,
         if it fits, promoted to the device tier.
         """
+        self._follow_device_tier()
         tensor = self._device.peek(key)
         if tensor is not None:
             self._device.touch(key)
@@ -130,6 +197,7 @@ class EmbeddingCache:
 
     def put(self, key: ItemKey, tensor: torch.Tensor) -> bool:
         """Store ``tensor`` under ``key``. Returns whether it was stored."""
+        self._follow_device_tier()
         if key in self._device:
             self._device.touch(key)
             return True
@@ -143,17 +211,28 @@ class EmbeddingCache:
 
     def discard(self, key: ItemKey) -> bool:
         """Forget ``key`` in both tiers (an engine dropped it); whether it was there."""
+        self._follow_device_tier()
         found = self._device.pop(key) is not None
         found = self._host.pop(key) is not None or found
         self._home.pop(key, None)
         return found
 
     def clear(self) -> None:
-        self._device = _tier(self._device.capacity)
-        self._host = _tier(self._host.capacity)
+        self._device.clear()
+        self._host.clear()
         self._home.clear()
 
     # -- internals -----------------------------------------------------------
+    def _follow_device_tier(self) -> None:
+        """The device tier's storage was replaced: host entries demoted from the old
+        one belong to it (an engine re-creates its cache on purpose: new weights,
+        new bound), so they go too."""
+        generation = self._device.generation
+        if generation != self._generation:
+            self._generation = generation
+            self._host.clear()
+            self._home.clear()
+
     def _store_device(self, key: ItemKey, tensor: torch.Tensor) -> bool:
         evicted = self._device.put(key, tensor, self._held)
         if evicted is None:

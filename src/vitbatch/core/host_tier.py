@@ -37,6 +37,9 @@ class LruTier(Generic[K, V]):
     :param size_of: an entry's size (bytes of a tensor, rows of an index entry...).
     """
 
+    generation = 0
+    """Never changes: this tier is never replaced underneath its owner (see ``DeviceTier``)."""
+
     def __init__(self, capacity: int, size_of: Callable[[V], int]) -> None:
         if capacity < 0:
             raise ValueError(f"tier capacity must be >= 0, got {capacity}")
@@ -50,6 +53,10 @@ class LruTier(Generic[K, V]):
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def items(self) -> list[tuple[K, V]]:
+        """Every entry, least recently used first, without touching the order."""
+        return list(self.entries.items())
 
     def peek(self, key: K) -> V | None:
         """The entry without refreshing its recency."""

@@ -1,0 +1,208 @@
+"""SGLang's own embedding cache as vitbatch's device tier: one cache, not two.
+
+Why: SGLang reserves ``SGLANG_VLM_CACHE_SIZE_MB`` of GPU memory for
+``mm_schedule.embedding_cache`` (a ``MultiModalStaticCache``) and fills it on
+every step it serves itself (multi-run items, EVS, fallbacks). A second cache of
+vitbatch's beside it would hold up to twice that reservation, would not see what
+SGLang encoded (nor SGLang what vitbatch did), and would outlive
+``init_mm_embedding_cache()``. :class:`SGLangDeviceTier` is a
+:class:`vitbatch.core.cache.DeviceTier` over SGLang's cache instead:
+
+- **Which cache**: the module global ``mm_schedule.embedding_cache``, read on every
+  call and never kept (SGLang replaces the object in ``init_mm_embedding_cache``).
+  A replaced cache bumps :attr:`generation`, and the core then drops its host
+  tier, which held entries demoted from the old one.
+- **Keys and values**: SGLang's per-item key (``item.hash``) and
+  ``EmbeddingResult(embedding=[rows, hidden])``, exactly what SGLang's per-image
+  path reads and writes, so a hit for one is a hit for the other. An entry
+  whose row count differs from the key's is a miss; storing over it first frees
+  it, as SGLang does with a token-count mismatch — unless the current step holds
+  that entry (then the first writer stays, as with SGLang's no-overwrite
+  ``set``). EVS results (another type) are never taken for vitbatch's.
+- **Bound and eviction**: SGLang's ``max_size`` and its own size accounting
+  (``_get_tensor_size``, which differs between releases). vitbatch evicts in
+  SGLang's LRU order itself, skipping the keys the current step holds, and only
+  then calls ``set``, so ``set`` never evicts (SGLang 0.5.19's ``set`` would
+  empty the whole cache for an entry larger than the bound) and every eviction
+  is seen and can be demoted to vitbatch's host tier. Entries SGLang evicts on
+  steps it serves itself are dropped, not demoted: SGLang does not say which.
+  An entry that cannot fit is not stored; the step keeps its own reference.
+- **No cache** (``embedding_cache`` is ``None`` before SGLang initialises it):
+  a tier of capacity 0 that stores nothing.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from vitbatch.core.cache import tensor_bytes
+from vitbatch.core.items import ItemKey
+
+
+def _sglang_cache() -> Any:
+    from sglang.srt.managers import mm_schedule
+
+    return mm_schedule.embedding_cache
+
+
+def _size(tensor: torch.Tensor) -> int:
+    """An entry's bytes as the installed SGLang counts them."""
+    from sglang.srt.mem_cache.multimodal_cache import _get_tensor_size
+
+    return int(_get_tensor_size(tensor))
+
+
+def _rows(tensor: torch.Tensor) -> int:
+    return tensor.reshape(-1, tensor.shape[-1]).shape[0]
+
+
+def _key_of(hash_: int, entry: Any) -> ItemKey | None:
+    """The vitbatch key of a plain SGLang entry; ``None`` for other results (EVS)."""
+    from sglang.srt.mem_cache.multimodal_cache import EmbeddingResult
+
+    if type(entry) is not EmbeddingResult:
+        return None
+    return ItemKey(hash_, _rows(entry.embedding))
+
+
+class SGLangDeviceTier:
+    """``mm_schedule.embedding_cache`` seen as a :class:`~vitbatch.core.cache.DeviceTier`."""
+
+    def __init__(self) -> None:
+        self._seen: weakref.ref[Any] | None = None  # never keeps an old cache alive
+        self._generation = 0
+
+    # -- which cache ---------------------------------------------------------
+    @property
+    def generation(self) -> int:
+        """Bumped each time SGLang's module global names another cache object."""
+        cache = _sglang_cache()
+        seen = self._seen() if self._seen is not None else None
+        if cache is not seen:
+            self._seen = weakref.ref(cache) if cache is not None else None
+            self._generation += 1
+        return self._generation
+
+    @property
+    def capacity(self) -> int:
+        cache = _sglang_cache()
+        return int(cache.max_size) if cache is not None else 0
+
+    @property
+    def used(self) -> int:
+        cache = _sglang_cache()
+        return int(cache.current_size) if cache is not None else 0
+
+    # -- lookups ---------------------------------------------------------------
+    def _entry(self, key: ItemKey) -> torch.Tensor | None:
+        """The usable embedding under ``key`` (no recency change), else ``None``."""
+        from sglang.srt.mem_cache.multimodal_cache import EmbeddingResult
+
+        cache = _sglang_cache()
+        if cache is None:
+            return None
+        entry = cache.mm_cache.get(key.hash)
+        if type(entry) is not EmbeddingResult:  # absent, or EVS (another layout)
+            return None
+        tensor = entry.embedding
+        if _rows(tensor) != key.num_tokens:
+            return None
+        return tensor.reshape(-1, tensor.shape[-1])
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, ItemKey) and self._entry(key) is not None
+
+    def __len__(self) -> int:
+        cache = _sglang_cache()
+        return len(cache.mm_cache) if cache is not None else 0
+
+    def items(self) -> list[tuple[ItemKey, torch.Tensor]]:
+        """Every plain entry as ``(ItemKey(hash, rows), [rows, hidden])``, LRU first."""
+        from sglang.srt.mem_cache.multimodal_cache import EmbeddingResult
+
+        cache = _sglang_cache()
+        if cache is None:
+            return []
+        out = []
+        for hash_, entry in cache.mm_cache.items():
+            if type(entry) is EmbeddingResult:
+                tensor = entry.embedding.reshape(-1, entry.embedding.shape[-1])
+                out.append((ItemKey(hash_, tensor.shape[0]), tensor))
+        return out
+
+    def peek(self, key: ItemKey) -> torch.Tensor | None:
+        return self._entry(key)
+
+    def touch(self, key: ItemKey) -> None:
+        cache = _sglang_cache()
+        if cache is not None:
+            cache.get_single(key.hash)  # SGLang's own "used now"
+
+    def pop(self, key: ItemKey) -> torch.Tensor | None:
+        tensor = self._entry(key)
+        if tensor is not None:
+            _sglang_cache().free(key.hash, None)
+        return tensor
+
+    # -- stores ----------------------------------------------------------------
+    def put(
+        self, key: ItemKey, value: torch.Tensor, protected: Iterable[ItemKey] = ()
+    ) -> list[tuple[ItemKey, torch.Tensor]] | None:
+        """Store ``value`` under ``key.hash``, evicting unprotected entries in SGLang's
+        LRU order; ``None`` (nothing evicted) when it cannot fit."""
+        from sglang.srt.mem_cache.multimodal_cache import EmbeddingResult
+
+        cache = _sglang_cache()
+        if cache is None:
+            return None
+        if self._entry(key) is not None:
+            cache.get_single(key.hash)
+            return []
+        protected = set(protected)
+        other = cache.mm_cache.get(key.hash)
+        if other is not None:  # another row count under the same hash, or EVS
+            if _key_of(key.hash, other) in protected:
+                return None  # this step uses it (SGLang's set keeps the first writer too)
+            cache.free(key.hash, None)  # stale: SGLang frees a mismatched entry the same way
+        protected_hashes = {k.hash for k in protected}
+        if value.untyped_storage().nbytes() > tensor_bytes(value):
+            value = value.clone()  # a view would pin its whole base (and count differently)
+        size = _size(value)
+        victims = self._victims(cache, size, protected_hashes)
+        if victims is None:
+            return None
+        evicted = []
+        for hash_ in victims:
+            entry = cache.mm_cache[hash_]
+            cache.free(hash_, None)
+            if type(entry) is EmbeddingResult:
+                tensor = entry.embedding.reshape(-1, entry.embedding.shape[-1])
+                evicted.append((ItemKey(hash_, tensor.shape[0]), tensor))
+        if not cache.set(key.hash, EmbeddingResult(embedding=value)):
+            return None  # not expected (room was made); the step keeps its reference
+        return evicted
+
+    @staticmethod
+    def _victims(cache: Any, size: int, protected: set[int]) -> list[int] | None:
+        """Least recently used unprotected hashes whose room makes ``size`` fit."""
+        if size > cache.max_size:
+            return None
+        need = cache.current_size + size - cache.max_size
+        victims: list[int] = []
+        for hash_, entry in cache.mm_cache.items():
+            if need <= 0:
+                break
+            if hash_ in protected:
+                continue
+            victims.append(hash_)
+            need -= _size(entry.embedding)
+        return victims if need <= 0 else None
+
+    def clear(self) -> None:
+        cache = _sglang_cache()
+        if cache is not None:
+            cache.clear()
