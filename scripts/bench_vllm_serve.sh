@@ -7,7 +7,8 @@
 #            weights, served with --load-format dummy: no download)
 #   OUT_DIR  where vLLM's result JSON files go (default ./bench-serve)
 # Environment: PROMPTS (200), RATE (inf), IMAGES_PER_REQUEST (2), SERVE_ARGS (extra
-# `vllm serve` arguments), PYTHON (python3), VITBATCH_OPTIONS ('{}'), PORT (8011), SHAPE (7b; tiny for CPU).
+# `vllm serve` arguments), PYTHON (python3), VITBATCH_OPTIONS ('{}'), PORT (8011), SHAPE (7b; tiny for CPU),
+# MODES ("native vitbatch"; e.g. "vitbatch" to try other VITBATCH_OPTIONS into another OUT_DIR).
 #
 # Each server is warmed up (vLLM's --num-warmups plus one untimed run), then measured once.
 # Prefix caching is off so both servers encode every image they are sent.
@@ -46,7 +47,7 @@ bench() {  # bench NAME PROMPTS [extra args]
     --seed 0 "$@" --result-dir "$out" --result-filename "$name.json" --save-result
 }
 
-for mode in native vitbatch; do
+for mode in ${MODES:-native vitbatch}; do
   extra=()
   [[ "$mode" == vitbatch ]] && extra=(--additional-config "{\"vitbatch\": $options}")
   # shellcheck disable=SC2086  # SERVE_ARGS is a list of arguments
@@ -71,11 +72,12 @@ done
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-rows = {m: json.loads((out / f"{m}.json").read_text()) for m in ("native", "vitbatch")}
-keys = ("request_throughput", "output_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_e2el_ms", "p99_e2el_ms")
+rows = {m: json.loads((out / f"{m}.json").read_text()) for m in ("native", "vitbatch") if (out / f"{m}.json").exists()}
+keys = ("request_throughput", "output_throughput", "p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms", "p50_e2el_ms", "p99_e2el_ms")
 print("| mode | " + " | ".join(keys) + " |")
 print("|---" * (len(keys) + 1) + "|")
 for mode, r in rows.items():
     print(f"| {mode} | " + " | ".join(f"{r.get(k, float('nan')):.2f}" for k in keys) + " |")
-print(f"vitbatch / native request throughput: {rows['vitbatch']['request_throughput'] / rows['native']['request_throughput']:.3f}x")
+if len(rows) == 2:
+    print(f"vitbatch / native request throughput: {rows['vitbatch']['request_throughput'] / rows['native']['request_throughput']:.3f}x")
 PY

@@ -34,7 +34,7 @@ class VitBatchStepMetadata:
     demote: tuple[str, ...] = ()
     drop: tuple[str, ...] = ()
     reset: bool = False
-    max_batch_patches: int | None = 16384
+    max_batch_patches: int | None = None
     max_batch_items: int | None = 64
     check_finite: bool = False
 
