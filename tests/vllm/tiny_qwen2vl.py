@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from vitbatch.bench.qwen_vl_model import write_word_level_tokenizer
+
 PATCH = 14
 MERGE = 2
 PIXELS_PER_TOKEN = (PATCH * MERGE) ** 2  # 28 x 28 px per merged image token
@@ -44,15 +46,7 @@ def _vocab() -> dict[str, int]:
 
 
 def _write_tokenizer(path: Path, vocab: dict[str, int]) -> None:
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    tokenizer.add_special_tokens(
-        [AddedToken(token, special=True, normalized=False) for token in SPECIAL]
-    )
-    tokenizer.save(str(path / "tokenizer.json"))
+    # Content may be a list of parts: the e2e test sends chat messages with images.
     chat_template = (
         "{% for message in messages %}<|im_start|>{{ message['role'] }} "
         "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
@@ -63,25 +57,7 @@ def _write_tokenizer(path: Path, vocab: dict[str, int]) -> None:
         "{% endif %}{% endfor %}{% endif %}<|im_end|> {% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
     )
-    (path / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "model_max_length": 4096,
-                "unk_token": "[UNK]",
-                "eos_token": "<|im_end|>",
-                "pad_token": "<|endoftext|>",
-                "bos_token": None,
-                "chat_template": chat_template,
-                "extra_special_tokens": {
-                    "image_token": "<|image_pad|>",
-                    "video_token": "<|video_pad|>",
-                    "vision_bos_token": "<|vision_start|>",
-                    "vision_eos_token": "<|vision_end|>",
-                },
-            }
-        )
-    )
+    write_word_level_tokenizer(path, vocab, SPECIAL, chat_template, 4096)
 
 
 def _config(vocab: dict[str, int]) -> dict:

@@ -88,30 +88,35 @@ CHAT_TEMPLATE = (
 )
 
 
-def _write_tokenizer(path: Path) -> None:
+def write_word_level_tokenizer(
+    path: Path,
+    vocab: dict[str, int],
+    special: list[str],
+    chat_template: str,
+    model_max_length: int,
+) -> None:
+    """``tokenizer.json`` and ``tokenizer_config.json`` of a whitespace word-level
+    tokenizer with Qwen-VL's special tokens: loads in transformers and vLLM offline
+    (the vLLM tests' tiny checkpoint uses it too)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = {"[UNK]": 0}
-    for word in WORDS + [f"w{i}" for i in range(200)]:
-        vocab.setdefault(word, len(vocab))
-    vocab.update(SPECIAL)
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)
     tokenizer.add_special_tokens(
-        [AddedToken(token, special=True, normalized=False) for token in SPECIAL]
+        [AddedToken(token, special=True, normalized=False) for token in special]
     )
     tokenizer.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(
         json.dumps(
             {
                 "tokenizer_class": "PreTrainedTokenizerFast",
-                "model_max_length": 32768,
+                "model_max_length": model_max_length,
                 "unk_token": "[UNK]",
                 "eos_token": "<|im_end|>",
                 "pad_token": "<|endoftext|>",
                 "bos_token": None,
-                "chat_template": CHAT_TEMPLATE,
+                "chat_template": chat_template,
                 "extra_special_tokens": {
                     "image_token": "<|image_pad|>",
                     "video_token": "<|video_pad|>",
@@ -121,6 +126,14 @@ def _write_tokenizer(path: Path) -> None:
             }
         )
     )
+
+
+def _write_tokenizer(path: Path) -> None:
+    vocab = {"[UNK]": 0}
+    for word in WORDS + [f"w{i}" for i in range(200)]:
+        vocab.setdefault(word, len(vocab))
+    vocab.update(SPECIAL)
+    write_word_level_tokenizer(path, vocab, list(SPECIAL), CHAT_TEMPLATE, 32768)
 
 
 def _write_processors(path: Path, max_pixels: int) -> None:
