@@ -56,17 +56,15 @@ def _size(tensor: torch.Tensor) -> int:
     return int(_get_tensor_size(tensor))
 
 
-def _rows(tensor: torch.Tensor) -> int:
-    return tensor.reshape(-1, tensor.shape[-1]).shape[0]
-
-
-def _key_of(hash_: int, entry: Any) -> ItemKey | None:
-    """The vitbatch key of a plain SGLang entry; ``None`` for other results (EVS)."""
+def _plain(hash_: int, entry: Any) -> tuple[ItemKey, torch.Tensor] | None:
+    """A plain SGLang entry as vitbatch sees it, ``(ItemKey(hash, rows), [rows, hidden])``;
+    ``None`` for anything else (absent, or an EVS result: another layout)."""
     from sglang.srt.mem_cache.multimodal_cache import EmbeddingResult
 
     if type(entry) is not EmbeddingResult:
         return None
-    return ItemKey(hash_, _rows(entry.embedding))
+    tensor = entry.embedding.reshape(-1, entry.embedding.shape[-1])
+    return ItemKey(hash_, tensor.shape[0]), tensor
 
 
 class SGLangDeviceTier:
@@ -100,18 +98,11 @@ class SGLangDeviceTier:
     # -- lookups ---------------------------------------------------------------
     def _entry(self, key: ItemKey) -> torch.Tensor | None:
         """The usable embedding under ``key`` (no recency change), else ``None``."""
-        from sglang.srt.mem_cache.multimodal_cache import EmbeddingResult
-
         cache = _sglang_cache()
         if cache is None:
             return None
-        entry = cache.mm_cache.get(key.hash)
-        if type(entry) is not EmbeddingResult:  # absent, or EVS (another layout)
-            return None
-        tensor = entry.embedding
-        if _rows(tensor) != key.num_tokens:
-            return None
-        return tensor.reshape(-1, tensor.shape[-1])
+        plain = _plain(key.hash, cache.mm_cache.get(key.hash))
+        return plain[1] if plain is not None and plain[0] == key else None
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, ItemKey) and self._entry(key) is not None
@@ -122,17 +113,11 @@ class SGLangDeviceTier:
 
     def items(self) -> list[tuple[ItemKey, torch.Tensor]]:
         """Every plain entry as ``(ItemKey(hash, rows), [rows, hidden])``, LRU first."""
-        from sglang.srt.mem_cache.multimodal_cache import EmbeddingResult
-
         cache = _sglang_cache()
         if cache is None:
             return []
-        out = []
-        for hash_, entry in cache.mm_cache.items():
-            if type(entry) is EmbeddingResult:
-                tensor = entry.embedding.reshape(-1, entry.embedding.shape[-1])
-                out.append((ItemKey(hash_, tensor.shape[0]), tensor))
-        return out
+        plain = (_plain(hash_, entry) for hash_, entry in cache.mm_cache.items())
+        return [item for item in plain if item is not None]
 
     def peek(self, key: ItemKey) -> torch.Tensor | None:
         return self._entry(key)
@@ -165,7 +150,8 @@ class SGLangDeviceTier:
         protected = set(protected)
         other = cache.mm_cache.get(key.hash)
         if other is not None:  # another row count under the same hash, or EVS
-            if _key_of(key.hash, other) in protected:
+            plain = _plain(key.hash, other)
+            if plain is not None and plain[0] in protected:
                 return None  # this step uses it (SGLang's set keeps the first writer too)
             cache.free(key.hash, None)  # stale: SGLang frees a mismatched entry the same way
         protected_hashes = {k.hash for k in protected}
@@ -177,11 +163,10 @@ class SGLangDeviceTier:
             return None
         evicted = []
         for hash_ in victims:
-            entry = cache.mm_cache[hash_]
+            plain = _plain(hash_, cache.mm_cache[hash_])
             cache.free(hash_, None)
-            if type(entry) is EmbeddingResult:
-                tensor = entry.embedding.reshape(-1, entry.embedding.shape[-1])
-                evicted.append((ItemKey(hash_, tensor.shape[0]), tensor))
+            if plain is not None:
+                evicted.append(plain)
         if not cache.set(key.hash, EmbeddingResult(embedding=value)):
             return None  # not expected (room was made); the step keeps its reference
         return evicted
