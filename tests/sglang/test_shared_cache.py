@@ -197,19 +197,28 @@ def test_what_sglang_encoded_is_a_hit_for_vitbatch_and_back(native_and_plugin) -
     assert stats.hits == 2 and stats.stored == 1
 
 
+def fail_encoding_while_on(state: adapter.AdapterState, message: str, on: bool) -> dict[str, bool]:
+    """Install a plugin that fails vitbatch's encoding (so SGLang's own path serves the
+    step) while the returned switch's ``"on"`` is true."""
+    switch = {"on": on}
+
+    class FailsWhileOn:
+        @hookimpl(tryfirst=True)
+        def vitbatch_encode_batch(self, items):
+            if switch["on"]:
+                raise RuntimeError(message)
+            return None
+
+    state.batcher.plugin_manager = make_plugin_manager(
+        load_entry_points=False, plugins=[FailsWhileOn()]
+    )
+    return switch
+
+
 def test_items_encoded_in_a_fallback_step_are_hits_afterwards(native_and_plugin) -> None:
     _, patched = native_and_plugin
     state = adapter.reset_state(adapter.Settings(enabled=True))
-    broken = {"on": True}
-
-    class Breaks:
-        @hookimpl(tryfirst=True)
-        def vitbatch_encode_batch(self, items):
-            if broken["on"]:
-                raise RuntimeError("plugin down for this step")
-            return None
-
-    state.batcher.plugin_manager = make_plugin_manager(load_entry_points=False, plugins=[Breaks()])
+    broken = fail_encoding_while_on(state, "plugin down for this step", on=True)
     assert state.batcher.plugin_manager.get_plugin(DEFAULTS_NAME) is not None
     step = one_request(image(151, 2), image(152, 9, 5))
     encoder = FakeEncoder()
@@ -410,18 +419,7 @@ def test_vitbatch_equals_sglang_within_one_bound(native_and_plugin, workload) ->
     state = adapter.reset_state(
         adapter.Settings(enabled=True, max_patches=max_patches, max_items=max_items)
     )
-    forced = {"on": False}
-
-    class ForcedFallback:
-        @hookimpl(tryfirst=True)
-        def vitbatch_encode_batch(self, items):
-            if forced["on"]:
-                raise RuntimeError("forced onto SGLang's path")
-            return None
-
-    state.batcher.plugin_manager = make_plugin_manager(
-        load_entry_points=False, plugins=[ForcedFallback()]
-    )
+    forced = fail_encoding_while_on(state, "forced onto SGLang's path", on=False)
     plugin = []
     with active(patched, cache_bytes=bound):
         for requests, fallback in steps:
