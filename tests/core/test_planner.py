@@ -69,6 +69,7 @@ _RANK_SCRIPT = r"""
 import torch
 from tests.core.fakes import ConcatEncoder, make_item
 from vitbatch.core import Budget, EmbeddingCache, Item, RequestChunk, Span, VitBatcher, Window
+from vitbatch.core.planner import plan_step
 from vitbatch.plugin import make_plugin_manager
 
 def item(name, n, offset):
@@ -85,7 +86,7 @@ for step in range(6):
                      Window(0, 12), r)
               for r in range(3)]
     encoder.calls.clear()
-    plan = batcher.plan(chunks)
+    plan = plan_step(chunks, batcher.cache.__contains__, batcher.budget)
     batcher.run_step(chunks)
     print(step, plan.hits, [[i.hash for i in call] for call in encoder.calls])
 """

@@ -73,7 +73,7 @@ def test_ranks_agree_under_one_rank_faults(world: int, tmp_path: Path) -> None:
     print(
         f"\n{world} ranks, {STEPS} steps: {served} served equal to the oracle, {fallbacks} agreed "
         f"fallbacks, {results[0]['calls']} encoder calls on every rank, injected {injected}, "
-        f"{results[0]['agreements_per_served_step']:.0f} agreements per served step, hangs 0"
+        f"{results[0]['agreements_per_served_step']:.2f} agreements per served step, hangs 0"
     )
     assert all(count >= 3 for count in injected.values()), injected
     assert served > STEPS // 2 and fallbacks >= injected["plugin-raises"]

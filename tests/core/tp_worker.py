@@ -27,9 +27,17 @@ from vitbatch.core.planner import Budget
 from vitbatch.plugin import make_plugin_manager
 
 SIZES = (2, 3, 5)
-HASHES = 16
+HASHES = 32
 ORACLE = {(h, n): encode_one(features_for(h, n)) for h in range(HASHES) for n in SIZES}
-FAULTS = ("capacity", "oom-in-call", "plugin-raises", "restore-fails", "evict", "bad-output")
+FAULTS = (
+    "capacity",
+    "oom-in-call",
+    "plugin-raises",
+    "restore-fails",
+    "evict",
+    "bad-output",
+    "fewer-items",
+)
 ROW_BYTES = HIDDEN * 8
 
 
@@ -69,7 +77,8 @@ def steps(seed: int, count: int):
     rng = random.Random(seed)
     for step in range(count):
         chunks = []
-        for request in range(rng.randint(1, 4)):
+        many = rng.random() < 0.1  # more distinct items than agreement 1's header holds
+        for request in range(rng.randint(24, 30) if many else rng.randint(1, 4)):
             items, position = [], rng.randint(0, 2)
             for _ in range(rng.randint(1, 3)):
                 h, n = rng.randrange(HASHES), rng.choice(SIZES)
@@ -80,6 +89,14 @@ def steps(seed: int, count: int):
         fault = rng.choice(FAULTS) if rng.random() < 0.35 else None
         victim = rng.randrange(dist.get_world_size())
         yield step, chunks, fault, victim, rng.random()
+
+
+def drop_last_item(chunks: list[RequestChunk]) -> list[RequestChunk]:
+    """The step without its last item (without its last request, if that had one item)."""
+    *rest, last = chunks
+    if len(last.items) == 1:
+        return rest or chunks
+    return [*rest, RequestChunk(list(last.items[:-1]), last.window, last.request_id)]
 
 
 def oracle_rows(chunk: RequestChunk) -> torch.Tensor | None:
@@ -113,6 +130,8 @@ def main(rank: int, world: int, init_file: str, out_file: str, count: int, agree
         encoder.fault = mine
         cache.fail_restores = mine == "restore-fails"
         capacity["value"] = 3 if mine == "capacity" else None
+        if mine == "fewer-items":  # this rank sees a shorter step (issue 23 D)
+            chunks = drop_last_item(chunks)
         if mine == "evict":
             entries = cache.peek_all()
             if entries:

@@ -28,7 +28,8 @@ from typing import Protocol
 
 import torch
 
-from vitbatch.core.host_tier import LruTier, tensor_bytes, to_host
+from vitbatch.core.host_arena import HostArena
+from vitbatch.core.host_tier import LruTier, tensor_bytes
 from vitbatch.core.items import ItemKey
 
 __all__ = ["CacheStats", "DeviceTier", "EmbeddingCache", "tensor_bytes"]
@@ -117,10 +118,9 @@ class EmbeddingCache:
                 "(a device_tier has its own bound)"
             )
         self._device: DeviceTier = device_tier if device_tier is not None else _tier(capacity_bytes)
-        self._host = _tier(host_capacity_bytes)
+        self._host = HostArena(host_capacity_bytes)
         self._generation = self._device.generation
         self._held: set[ItemKey] = set()
-        self._home: dict[ItemKey, torch.device] = {}
         self.stats = CacheStats()
 
     # -- sizes ---------------------------------------------------------------
@@ -151,12 +151,13 @@ class EmbeddingCache:
     def peek_all(self) -> list[tuple[ItemKey, torch.Tensor]]:
         """Every entry of both tiers, without touching LRU order or statistics (checks, tests)."""
         self._follow_device_tier()
-        return [*self._device.items(), *self._host.items()]
+        host = [(key, self._host.peek(key)) for key in self._host.keys()]
+        return [*self._device.items(), *host]  # type: ignore[list-item]
 
     def host_keys(self) -> list[ItemKey]:
         """Keys held only in the host tier (an adapter may advertise them)."""
         self._follow_device_tier()
-        return list(self._host.entries)
+        return self._host.keys()
 
     # -- step protection -----------------------------------------------------
     @contextmanager
@@ -174,8 +175,8 @@ class EmbeddingCache:
     def get(self, key: ItemKey) -> torch.Tensor | None:
         """The embedding for ``key``, refreshing its recency; ``None`` if absent.
 
-        A host-tier hit is copied back to the device the entry came from and,
-        if it fits, promoted to the device tier.
+        A host-tier hit is copied back to the device the entry came from (the
+        host tier remembers it per entry) and, if it fits, promoted to the device tier.
         """
         self._follow_device_tier()
         tensor = self._device.peek(key)
@@ -183,16 +184,14 @@ class EmbeddingCache:
             self._device.touch(key)
             self.stats.hits += 1
             return tensor
-        host = self._host.pop(key)
-        if host is None:
+        tensor = self._host.restore(key)
+        if tensor is None:
             self.stats.misses += 1
             return None
         self.stats.hits += 1
         self.stats.host_hits += 1
-        home = self._home.get(key, host.device)
-        tensor = host.to(home, non_blocking=True) if home != host.device else host
-        if not self._store_device(key, tensor):
-            self._host.put(key, host)  # keep it for next time (its room was just freed)
+        if self._store_device(key, tensor):
+            self._host.discard(key)  # promoted; else kept for next time
         return tensor
 
     def put(self, key: ItemKey, tensor: torch.Tensor) -> bool:
@@ -201,7 +200,7 @@ class EmbeddingCache:
         if key in self._device:
             self._device.touch(key)
             return True
-        self._host.pop(key)
+        self._host.discard(key)
         stored = self._store_device(key, tensor)
         if stored:
             self.stats.stored += 1
@@ -213,14 +212,12 @@ class EmbeddingCache:
         """Forget ``key`` in both tiers (an engine dropped it); whether it was there."""
         self._follow_device_tier()
         found = self._device.pop(key) is not None
-        found = self._host.pop(key) is not None or found
-        self._home.pop(key, None)
+        found = self._host.discard(key) or found
         return found
 
     def clear(self) -> None:
         self._device.clear()
         self._host.clear()
-        self._home.clear()
 
     # -- internals -----------------------------------------------------------
     def _follow_device_tier(self) -> None:
@@ -231,7 +228,6 @@ class EmbeddingCache:
         if generation != self._generation:
             self._generation = generation
             self._host.clear()
-            self._home.clear()
 
     def _store_device(self, key: ItemKey, tensor: torch.Tensor) -> bool:
         evicted = self._device.put(key, tensor, self._held)
@@ -240,19 +236,13 @@ class EmbeddingCache:
         for victim_key, victim in evicted:
             self.stats.evictions += 1
             self._demote(victim_key, victim)
-        self._home[key] = tensor.device
         return True
 
     def _demote(self, key: ItemKey, tensor: torch.Tensor) -> None:
-        """Move an evicted device entry into the host tier, if it has room."""
+        """Move an evicted device entry into the host tier, if it has room (its copy is
+        enqueued off the step path, see :mod:`vitbatch.core.host_arena`)."""
         if self._host.capacity == 0:
-            self._home.pop(key, None)
             return
-        evicted = self._host.make_room(tensor_bytes(tensor), self._held)
-        if evicted is None:
-            self._home.pop(key, None)
-            return
-        for victim_key, _ in evicted:
-            self.stats.host_evictions += 1
-            self._home.pop(victim_key, None)
-        self._host.put(key, to_host(tensor))
+        evicted = self._host.put(key, tensor, self._held)
+        if evicted is not None:
+            self.stats.host_evictions += len(evicted)

@@ -7,7 +7,7 @@ three things: least-recently-used order, a bound in some unit, and evictions
 that the *caller* turns into demotions or drops. Only the unit differs, so it
 is a parameter (``size_of``).
 
-Also here: :func:`to_host`, the one device-to-host copy a demotion makes.
+The host tier's storage of tensors is :mod:`vitbatch.core.host_arena`.
 """
 
 from __future__ import annotations
@@ -114,12 +114,3 @@ class LruTier(Generic[K, V]):
     def clear(self) -> None:
         self.entries.clear()
         self.used = 0
-
-
-def to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """A host copy of ``tensor`` (pinned, so the copy back is asynchronous); host tensors as is."""
-    if tensor.device.type == "cpu":
-        return tensor
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
-    host.copy_(tensor, non_blocking=False)
-    return host

@@ -26,13 +26,16 @@ def split_encoder_output(
     plugin_name: str,
     modality: str,
     hidden_size: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> list[torch.Tensor]:
     """One ``[item.num_tokens, hidden]`` tensor per item of ``items``.
 
     :param output: the encoder's answer.
-    :param hidden_size: the hidden size earlier calls produced, if any; every
-        item must match it.
-    :raises EncoderOutputError: on a wrong type, item count, row count or hidden size.
+    :param hidden_size: the engine's hidden size, if known; every item must match
+        it (else every item must match the first).
+    :param dtype: the engine's embedding dtype, if known; likewise.
+    :raises EncoderOutputError: on a wrong type, item count, row count, hidden size
+        or dtype.
     """
     if isinstance(output, torch.Tensor):
         if output.dim() != 2:
@@ -83,6 +86,13 @@ def split_encoder_output(
                 f"{_where(plugin_name, modality)} returned hidden size {embedding.shape[1]} "
                 "for item "
                 f"{item.hash!r}: expected {reference}"
+            )
+    dtype_reference = dtype if dtype is not None else per_item[0].dtype
+    for item, embedding in zip(items, per_item):
+        if embedding.dtype != dtype_reference:
+            raise EncoderOutputError(
+                f"{_where(plugin_name, modality)} returned dtype {embedding.dtype} for item "
+                f"{item.hash!r}: expected {dtype_reference}"
             )
     return per_item
 
