@@ -12,7 +12,8 @@ from collections.abc import Callable, Hashable, Sequence
 import torch
 
 from vitbatch import hookimpl
-from vitbatch.core import Item, RequestChunk, Span
+from vitbatch.core import Item, ItemKey, RequestChunk, Span
+from vitbatch.core.host_tier import LruTier, tensor_bytes
 
 HIDDEN = 6
 IN_DIM = 3
@@ -95,3 +96,24 @@ def oracle_rows(
     if len(keys) == 1:
         return embedding_of(*picked[0][1])[[row for _, _, row in picked]]
     return torch.stack([embedding_of(*key)[row] for _, key, row in picked])
+
+
+class EngineOwnedTier(LruTier):
+    """An engine's own cache seen as a device tier, which the engine also fills itself
+    (SGLang's ``embedding_cache`` when SGLang's path serves a step)."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity, tensor_bytes)
+
+    def engine_set(self, key: ItemKey, tensor: torch.Tensor) -> None:
+        """The engine stores an entry of its own, evicting what it must (not demoted)."""
+        self.put(key, tensor)
+
+
+def internal_sizes(obj: object) -> dict[str, int]:
+    """Sizes of every dict, set and list an object keeps directly."""
+    return {
+        name: len(value)
+        for name, value in vars(obj).items()
+        if isinstance(value, (dict, set, list)) and not name.startswith("__")
+    }

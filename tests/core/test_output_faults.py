@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.core.fakes import HIDDEN, encode_one, make_item
+from tests.core.fakes import HIDDEN, EngineOwnedTier, encode_one, internal_sizes, make_item
 from vitbatch import hookimpl
 from vitbatch.core import (
     Budget,
@@ -21,7 +21,6 @@ from vitbatch.core import (
     Window,
 )
 from vitbatch.core.errors import OutOfMemoryError
-from vitbatch.core.host_tier import LruTier, tensor_bytes
 from vitbatch.plugin import make_plugin_manager
 
 
@@ -107,27 +106,6 @@ def test_c_dtype_is_checked_against_the_one_adopted() -> None:
         adopted.run_step(step_of(2))
     adopted.run_step(step_of(3))
     assert {t.dtype for _, t in adopted.cache.peek_all()} == {torch.float32}
-
-
-class EngineOwnedTier(LruTier):
-    """An engine's own cache seen as a device tier, which the engine also fills itself
-    (SGLang's ``embedding_cache`` when SGLang's path serves a step)."""
-
-    def __init__(self, capacity: int) -> None:
-        super().__init__(capacity, tensor_bytes)
-
-    def engine_set(self, key: ItemKey, tensor: torch.Tensor) -> None:
-        """The engine stores an entry of its own, evicting what it must (not demoted)."""
-        self.put(key, tensor)
-
-
-def internal_sizes(obj: object) -> dict[str, int]:
-    """Sizes of every dict, set and list an object keeps directly."""
-    return {
-        name: len(value)
-        for name, value in vars(obj).items()
-        if isinstance(value, (dict, set, list)) and not name.startswith("__")
-    }
 
 
 def test_e_no_internal_map_outlives_the_entries_the_engine_evicts() -> None:

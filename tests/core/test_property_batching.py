@@ -8,12 +8,25 @@ cache produces partial hits, with random budgets and cache sizes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.core.fakes import HIDDEN, ConcatEncoder, ListEncoder, encode_one, make_item
-from vitbatch.core import Budget, EmbeddingCache, Item, RequestChunk, VitBatcher, Window
+from tests.core.fakes import HIDDEN, ConcatEncoder, ListEncoder, encode_one, features_for, make_item
+from vitbatch import hookimpl
+from vitbatch.core import (
+    Budget,
+    EmbeddingCache,
+    EncoderOutputError,
+    Item,
+    RequestChunk,
+    VitBatcher,
+    Window,
+)
+from vitbatch.core.errors import OutOfMemoryError
+from vitbatch.core.signature import MAX_SUPPORT, Signature
 from vitbatch.plugin import make_plugin_manager
 
 STEPS_RUN = {"count": 0}
@@ -152,3 +165,91 @@ def test_enough_random_steps_ran() -> None:
 
         pytest.skip("run together with the property tests above")
     assert STEPS_RUN["count"] >= 2000, STEPS_RUN["count"]
+
+
+# ---------------------------------------------------------------------------
+# Faulty encoders (issue 23): faults inside OOM-split sub-calls, several consistent
+# bad calls in a row, dtype faults. The engine's signature is known ("both") or not.
+# ---------------------------------------------------------------------------
+TRUE_SIGNATURE = Signature(HIDDEN, torch.float64)
+FAULT = st.sampled_from([None, None, None, "oom", "width", "width", "dtype", "rows"])
+
+
+class ScriptedFaults:
+    """Correct (the reference encoder) unless its script names a fault for the call."""
+
+    def __init__(self, script: list[str | None]) -> None:
+        self.script = list(script)
+
+    @hookimpl
+    def vitbatch_encode_batch(self, items: Sequence[Item]) -> list[torch.Tensor]:
+        fault = self.script.pop(0) if self.script else None
+        if fault == "oom" and len(items) > 1:
+            raise OutOfMemoryError("injected: CUDA out of memory")
+        out = [encode_one(item.features) for item in items]
+        if fault == "width":  # consistently the same wrong width
+            out = [torch.zeros(o.shape[0], HIDDEN + 1, dtype=o.dtype) for o in out]
+        elif fault == "dtype":
+            out = [o.float() for o in out]
+        elif fault == "rows":
+            out[-1] = out[-1][:-1]
+        return out
+
+
+def fresh_step(index: int) -> list[RequestChunk]:
+    """One request with one item never seen before: its step makes one encoder call."""
+    return [RequestChunk([make_item(1000 + index, 3, [(0, 3)])], Window(0, 3), 0)]
+
+
+def check_cache_entries(batcher: VitBatcher) -> None:
+    """Every entry has the trusted signature; entries of the true one hold the oracle."""
+    trusted = batcher.signatures.trusted("image")
+    for key, tensor in batcher.cache.peek_all():
+        assert trusted is not None and Signature.of(tensor) == trusted, (key, tensor.shape)
+        if trusted == TRUE_SIGNATURE:
+            torch.testing.assert_close(
+                tensor, encode_one(features_for(key.hash, key.num_tokens)), rtol=0, atol=0
+            )
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    sequence=st.lists(steps(), min_size=2, max_size=5),
+    script=st.lists(FAULT, max_size=24),
+    engine_knows=st.booleans(),
+    budget=budgets,
+    capacity_rows=st.integers(0, 60),
+)
+def test_faults_never_serve_or_cache_wrong_rows(
+    sequence, script, engine_knows, budget, capacity_rows
+) -> None:
+    encoder = ScriptedFaults(script)
+    cache = EmbeddingCache(capacity_rows * row_bytes, host_capacity_bytes=20 * row_bytes)
+    pm = make_plugin_manager(load_entry_points=False, plugins=[encoder])
+    signature = {"hidden_size": HIDDEN, "dtype": torch.float64} if engine_knows else {}
+    batcher = VitBatcher(budget, cache, pm, **signature)
+    for chunks in sequence:
+        STEPS_RUN["count"] += 1
+        try:
+            result = batcher.run_step(chunks)
+        except (EncoderOutputError, OutOfMemoryError):
+            check_cache_entries(batcher)
+            continue
+        check_cache_entries(batcher)
+        if batcher.signatures.trusted("image") == TRUE_SIGNATURE:
+            for chunk, got in zip(chunks, result.embeddings):
+                expected = oracle(chunk)
+                assert (got is None) == (expected is None)
+                if expected is not None:
+                    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    # Never locked out: once the faults stop, steps are served with the right rows.
+    encoder.script.clear()
+    for index in range(MAX_SUPPORT + 2):
+        try:
+            batcher.run_step(fresh_step(index))
+        except EncoderOutputError:
+            continue
+    last = batcher.run_step(fresh_step(99))
+    torch.testing.assert_close(last.embeddings[0], oracle(fresh_step(99)[0]), rtol=0, atol=0)
+    assert batcher.signatures.trusted("image") == TRUE_SIGNATURE
+    check_cache_entries(batcher)

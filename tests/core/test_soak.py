@@ -1,15 +1,19 @@
 """Soak: 100,000 random steps through one VitBatcher, as a server sees them over weeks.
 
-Small device cache and host tier (constant eviction and restore), hashes that
-collide with different token counts, chunk windows cutting items, injected
-device OOMs on multi-item calls and malformed outputs on some calls, and a
-malformed *first* call with no configured width. Checked against a naive
-oracle (each item encoded alone, rows picked position by position):
+Small device cache and host tier (constant eviction and restore), a device
+tier the *engine* also fills and evicts on its own (SGLang's cache when its own
+path serves a step), hashes that collide with different token counts, chunk
+windows cutting items, and fault scripts: device OOMs on multi-item calls,
+malformed rows, widths and dtypes, faults inside the sub-calls of an OOM split,
+bursts of the same bad width, and a malformed *first* call with no configured
+width. Checked against a naive oracle (each item encoded alone, rows picked
+position by position):
 
 * every served step equals the oracle;
 * every bad call raises the documented :class:`EncoderOutputError` and leaves no
   wrong embedding in the cache;
-* the cache never exceeds its bounds;
+* the cache never exceeds its bounds, and no internal map of the cache, its
+  host tier or the batcher outgrows the entries the tiers hold;
 * statistics, live Python objects and resident memory do not grow after warm-up.
 """
 
@@ -24,12 +28,13 @@ from collections.abc import Sequence
 import torch
 
 from tests.core import fakes
-from tests.core.fakes import HIDDEN, encode_one, features_for
+from tests.core.fakes import HIDDEN, EngineOwnedTier, encode_one, features_for, internal_sizes
 from vitbatch import hookimpl
 from vitbatch.core import (
     EmbeddingCache,
     EncoderOutputError,
     Item,
+    ItemKey,
     RequestChunk,
     Span,
     VitBatcher,
@@ -49,17 +54,32 @@ FEATURES = {(h, n): features_for(h, n) for h in range(HASHES) for n in SIZES}
 ORACLE = {key: encode_one(f) for key, f in FEATURES.items()}
 
 
+PATTERNS = (
+    ("oom",),
+    ("oom",),
+    ("rows",),
+    ("width",),
+    ("dtype",),
+    ("oom", "width"),  # a fault inside the first sub-call of an OOM split
+    ("oom", None, "dtype"),  # ... or a later one
+    ("width", "width", "width"),  # the same bad width several calls in a row
+)
+BAD = {"rows", "width", "dtype"}
+
+
 class FaultyEncoder:
-    """Encodes correctly unless told to fail the next call (OOM or malformed)."""
+    """Encodes correctly unless its script names a fault for the call (OOM or malformed)."""
 
     def __init__(self) -> None:
-        self.fault: str | None = None
+        self.script: list[str | None] = []
+        self.used: list[str | None] = []
         self.calls = 0
 
     @hookimpl
     def vitbatch_encode_batch(self, items: Sequence[Item]) -> list[torch.Tensor]:
         self.calls += 1
-        fault, self.fault = self.fault, None
+        fault = self.script.pop(0) if self.script else None
+        self.used.append(fault)
         if fault == "oom" and len(items) > 1:
             raise OutOfMemoryError("injected: CUDA out of memory")
         out = [ORACLE[(item.hash, item.num_tokens)] for item in items]
@@ -67,6 +87,8 @@ class FaultyEncoder:
             out[-1] = out[-1][:-1]
         elif fault == "width":
             out = [torch.zeros(o.shape[0], HIDDEN - 1, dtype=o.dtype) for o in out]
+        elif fault == "dtype":
+            out = [o.float() for o in out]
         return out
 
 
@@ -91,7 +113,18 @@ def assert_cache_clean(cache: EmbeddingCache) -> None:
     assert cache.used_bytes <= cache.capacity_bytes
     assert cache.host_used_bytes <= cache.host_capacity_bytes
     for key, tensor in cache.peek_all():
-        assert torch.equal(tensor, ORACLE[(key.hash, key.num_tokens)]), key
+        content = key.hash[1] if isinstance(key.hash, tuple) else key.hash  # ("engine", h)
+        want = ORACLE[(content, key.num_tokens)]
+        assert tensor.dtype == want.dtype and torch.equal(tensor, want), key
+
+
+def assert_maps_bounded(batcher: VitBatcher, tier: EngineOwnedTier) -> None:
+    """No map of the cache, its host tier or the batcher outgrows what the tiers hold."""
+    cache = batcher.cache
+    held = len(tier) + len(cache.host_keys())
+    for owner in (cache, cache._host, batcher, batcher.signatures):
+        for name, size in internal_sizes(owner).items():
+            assert size <= held + 256, (type(owner).__name__, name, size)
 
 
 def memory_now() -> tuple[int, int]:
@@ -105,21 +138,27 @@ def memory_now() -> tuple[int, int]:
 def test_soak_100k_steps() -> None:
     rng = random.Random(20261124)
     encoder = FaultyEncoder()
-    cache = EmbeddingCache(40 * ROW_BYTES, host_capacity_bytes=60 * ROW_BYTES)
+    tier = EngineOwnedTier(40 * ROW_BYTES)
+    cache = EmbeddingCache(device_tier=tier, host_capacity_bytes=60 * ROW_BYTES)
     pm = make_plugin_manager(load_entry_points=False, plugins=[encoder])
     batcher = VitBatcher(Budget(max_cost=8, max_items=3), cache, pm)  # width unknown: learned
-    served = faults = oom_splits = 0
+    served = faults = oom_splits = engine_sets = 0
     warm = (0, 0)
-    encoder.fault = "width"  # a malformed first call, with nothing to compare it to
+    encoder.script = ["width"]  # a malformed first call, with nothing to compare it to
     for step in range(STEPS):
         chunks = random_step(rng)
-        if step and rng.random() < 0.02:
-            encoder.fault = rng.choice(["oom", "oom", "rows", "width"])
-        injected = encoder.fault
+        if step and not encoder.script and rng.random() < 0.02:
+            encoder.script = list(rng.choice(PATTERNS))
+        if rng.random() < 0.1:  # the engine's own path stores an entry (its own key space too)
+            h, n = rng.randrange(HASHES), rng.choice(SIZES)
+            key = ItemKey(h if rng.random() < 0.5 else ("engine", h), n)
+            tier.engine_set(key, ORACLE[(h, n)])
+            engine_sets += 1
+        encoder.used = []
         try:
             result = batcher.run_step(chunks)
         except EncoderOutputError as error:
-            assert injected in ("rows", "width"), (step, error)
+            assert BAD & set(encoder.used), (step, encoder.used, error)
             assert "encoder plugin" in str(error) and "modality 'image'" in str(error)
             faults += 1
             assert_cache_clean(cache)
@@ -132,19 +171,22 @@ def test_soak_100k_steps() -> None:
             want = oracle_rows(chunk)
             assert (got is None) == (want is None), step
             if want is not None:
-                assert torch.equal(got, want), (step, chunk)
+                assert got.dtype == want.dtype and torch.equal(got, want), (step, chunk)
         served += 1
         oom_splits += result.stats.oom_splits
         if step % 5_000 == 0:
             assert_cache_clean(cache)
+            assert_maps_bounded(batcher, tier)
         if step == WARM_UP:
             warm = memory_now()
             totals_size = sys.getsizeof(batcher.totals.__dict__)
     end = memory_now()
     assert_cache_clean(cache)
+    assert_maps_bounded(batcher, tier)
     print(
         f"soak: {STEPS} steps, {served} served equal to the oracle, {faults} bad calls raised, "
         f"{oom_splits} OOM splits, {batcher.totals.encoder_calls} encoder calls, "
+        f"{engine_sets} entries stored by the engine itself, "
         f"after warm-up -> end: {warm[0]} -> {end[0]} Python objects, "
         f"{warm[1] / 2**20:.1f} -> {end[1] / 2**20:.1f} MiB resident"
     )

@@ -269,16 +269,19 @@ class VitBatcher:
 
         Now, not when the call was made: calls later in the step (the halves of an
         OOM split, say) may have made a width trusted that an earlier call
-        contradicts. Nothing is cached unless every output agrees, and nothing
+        contradicts. Without a trusted signature the step's outputs must still agree
+        with each other. Nothing is cached unless every output agrees, and nothing
         under a signature that is not trusted.
         """
+        first: dict[str, Signature] = {}
         for output in encoded:
-            trusted = self.signatures.trusted(output.item.modality)
+            modality = output.item.modality
             seen = Signature.of(output.embedding)
-            if trusted is not None and seen != trusted:
+            expected = self.signatures.trusted(modality) or first.setdefault(modality, seen)
+            if seen != expected:
                 raise EncoderOutputError(
-                    f"encoder plugin {output.plugin_name!r} (modality {output.item.modality!r}) "
-                    f"returned {seen} for item {output.item.hash!r}: expected {trusted}, "
+                    f"encoder plugin {output.plugin_name!r} (modality {modality!r}) "
+                    f"returned {seen} for item {output.item.hash!r}: expected {expected}, "
                     "which the other calls of this step agreed on"
                 )
         for output in encoded:
