@@ -18,19 +18,17 @@ import torch
 
 from vitbatch.core.agreement import Agree, Agreement, CapacityProbe, GroupAgreement, LocalAgreement
 from vitbatch.core.cache import EmbeddingCache, tensor_bytes
+from vitbatch.core.calls import Encoded, assemble_chunk, encode_batch
 from vitbatch.core.errors import (
-    AssemblyError,
     EncoderOutputError,
-    NoEncoderError,
     OutOfMemoryError,
 )
-from vitbatch.core.hooks import call_first_result, default_plugin_manager
+from vitbatch.core.hooks import default_plugin_manager
 from vitbatch.core.items import EncoderOutput, EngineEncoder, Item, ItemKey, RequestChunk
 from vitbatch.core.offload import HostReferenceOffload
 from vitbatch.core.planner import Budget, MicroBatch, StepPlan, plan_needed, plan_step
 from vitbatch.core.signature import OutputSignatures, Signature, Verdict
 from vitbatch.core.stats import StepStats, Totals
-from vitbatch.core.validate import check_finite, split_encoder_output
 
 __all__ = [
     "EncoderOutput",
@@ -148,7 +146,7 @@ class VitBatcher:
 
         def assemble(plan: StepPlan, embeddings: dict[ItemKey, torch.Tensor]) -> list:
             return [
-                self._assemble(chunk, items, embeddings) if items else None
+                assemble_chunk(self.plugin_manager, chunk, items, embeddings) if items else None
                 for chunk, items in zip(chunks, plan.needed)
             ]
 
@@ -217,7 +215,7 @@ class VitBatcher:
             stats.host_hits = self.cache.stats.host_hits - host_hits_before
             embeddings = {key: usable[key] for key in plan.hits}
             started = time.perf_counter()
-            encoded: list[_Encoded] = []
+            encoded: list[Encoded] = []
             for batch in plan.batches:
                 try:
                     encoded += self._encode_batch(batch, engine_encoder, stats)
@@ -264,7 +262,7 @@ class VitBatcher:
             return Budget(max(1, capacity), budget.max_items)
         return budget
 
-    def _keep(self, encoded: Sequence[_Encoded], embeddings: dict[ItemKey, torch.Tensor]) -> None:
+    def _keep(self, encoded: Sequence[Encoded], embeddings: dict[ItemKey, torch.Tensor]) -> None:
         """Check every output of the step against the signature trusted *now*, then cache.
 
         Now, not when the call was made: calls later in the step (the halves of an
@@ -311,7 +309,7 @@ class VitBatcher:
     # -- encoder calls --------------------------------------------------------
     def _encode_batch(
         self, batch: MicroBatch, engine_encoder: EngineEncoder | None, stats: StepStats
-    ) -> list[_Encoded]:
+    ) -> list[Encoded]:
         """Encode ``batch``; only a local agreement may halve it after a device OOM."""
         if self.agreement.defers_failures:
             return self._encode_once(batch, engine_encoder, stats)
@@ -332,42 +330,23 @@ class VitBatcher:
 
     def _encode_once(
         self, batch: MicroBatch, engine_encoder: EngineEncoder | None, stats: StepStats
-    ) -> list[_Encoded]:
+    ) -> list[Encoded]:
         started = time.perf_counter()
-        hashes = [item.hash for item in batch.items]
-        answer = call_first_result(
-            self.plugin_manager.hook.vitbatch_encode_batch,
-            context=f"modality {batch.modality!r}, items {hashes}",
-            modality=batch.modality,
-            items=batch.items,
-            engine_encoder=engine_encoder,
-        )
-        if answer is None:
-            raise NoEncoderError(
-                f"no encoder for modality {batch.modality!r}: every vitbatch_encode_batch "
-                f"implementation declined items {hashes} "
-                "and the engine gave no encoder of its own"
-            )
-        output, plugin_name = answer
-        per_item = split_encoder_output(
-            output,
-            batch.items,
-            plugin_name=plugin_name,
-            modality=batch.modality,
+        encoded = encode_batch(
+            self.plugin_manager,
+            batch,
+            engine_encoder,
             hidden_size=self.signatures.configured_width(batch.modality),
             dtype=self.signatures.configured_dtype(batch.modality),
+            check_finite=self.check_finite,
         )
-        if self.check_finite:
-            check_finite(per_item, batch.items, plugin_name=plugin_name, modality=batch.modality)
-        self._vote(batch, per_item[0], plugin_name)
+        self._vote(batch, encoded[0].embedding, encoded[0].plugin_name)
         stats.encoder_calls += 1
         stats.tokens_per_call.append(batch.num_tokens)
         stats.cost_per_call.append(batch.cost)
         stats.items_per_call.append(len(batch.items))
         stats.seconds_per_call.append(time.perf_counter() - started)
-        return [
-            _Encoded(item, embedding, plugin_name) for item, embedding in zip(batch.items, per_item)
-        ]
+        return encoded
 
     def _vote(self, batch: MicroBatch, first: torch.Tensor, plugin_name: str) -> None:
         """Count the call's signature; refuse one the trusted signature contradicts."""
@@ -384,45 +363,6 @@ class VitBatcher:
             for key, tensor in self.cache.peek_all():
                 if Signature.of(tensor) == before:
                     self.cache.discard(key)
-
-    def _assemble(
-        self,
-        chunk: RequestChunk,
-        items: Sequence[Item],
-        embeddings: dict[ItemKey, torch.Tensor],
-    ) -> torch.Tensor:
-        answer = call_first_result(
-            self.plugin_manager.hook.vitbatch_assemble_chunk,
-            context=(
-                f"request {chunk.request_id!r}, window [{chunk.window.start}, {chunk.window.end})"
-            ),
-            window=chunk.window,
-            items=items,
-            embeddings=[embeddings[item.key] for item in items],
-        )
-        expected = sum(rows for item in items for _, _, rows in item.rows_in(chunk.window))
-        if answer is None:
-            raise AssemblyError(
-                f"no vitbatch_assemble_chunk implementation assembled request {chunk.request_id!r}"
-            )
-        result, plugin_name = answer
-        if not isinstance(result, torch.Tensor) or result.dim() != 2 or result.shape[0] != expected:
-            got = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
-            raise AssemblyError(
-                f"assemble plugin {plugin_name!r} returned {got} for request {chunk.request_id!r} "
-                f"window [{chunk.window.start}, {chunk.window.end}): expected {expected} rows "
-                f"for items {[item.hash for item in items]}"
-            )
-        return result
-
-
-@dataclass
-class _Encoded:
-    """One item's output of an encoder call, with the plugin that answered."""
-
-    item: Item
-    embedding: torch.Tensor
-    plugin_name: str
 
 
 def _own_storage(embedding: torch.Tensor) -> torch.Tensor:
