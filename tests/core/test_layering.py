@@ -117,3 +117,129 @@ def test_manager_check_pending_catches_misspelled_hooks() -> None:
 
     with pytest.raises(pluggy.PluginValidationError, match="vitbatch_encode_batches"):
         make_plugin_manager(load_entry_points=False, plugins=[Misspelled()])
+
+
+# ---------------------------------------------------------------------------
+# The engine's door and the import graph, read from the sources
+# ---------------------------------------------------------------------------
+ENGINES = ("vllm", "sglang")
+SURFACES = {SRC / "adapters" / engine / "surface.py" for engine in ENGINES}
+SEAM = ("vitbatch/core/hooks.py", "vitbatch.plugin")  # documented lazy seam: core -> plugin
+
+
+def modules() -> dict[str, Path]:
+    """Dotted module name -> file, for every module of src/vitbatch."""
+    found = {}
+    for path in SRC.rglob("*.py"):
+        parts = path.relative_to(SRC.parent).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        found[".".join(parts)] = path
+    return found
+
+
+def vitbatch_defines() -> set[str]:
+    """Every name vitbatch itself defines or binds anywhere in src/vitbatch."""
+    names: set[str] = set()
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                names.add(node.attr)
+            elif isinstance(node, ast.arg):
+                names.add(node.arg)
+            elif isinstance(node, ast.alias):
+                names.add((node.asname or node.name).split(".")[0])
+    return names
+
+
+def private_names_used(path: Path) -> list[tuple[int, str]]:
+    """Underscored (not dunder) attributes a module reads, writes or names in getattr & co."""
+    used = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        name = None
+        if isinstance(node, ast.Attribute):
+            name = node.attr
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in {"getattr", "setattr", "hasattr", "delattr"}
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and isinstance(node.args[1].value, str)
+        ):
+            name = node.args[1].value
+        if name and name.startswith("_") and not name.startswith("__"):
+            used.append((node.lineno, name))
+    return used
+
+
+@pytest.mark.parametrize(
+    "path", sorted(set(modules().values()) - SURFACES), ids=lambda p: str(p.relative_to(SRC))
+)
+def test_only_the_surface_modules_touch_an_engine(path: Path) -> None:
+    """An engine is imported, and its private names touched, by its surface module alone:
+    a name with a leading underscore that vitbatch never defines is the engine's."""
+    for module, _ in imports_of(path):
+        assert module.split(".")[0] not in ENGINES, (
+            f"{path.relative_to(SRC)} imports {module}: only adapters/<engine>/surface.py may"
+        )
+    ours = vitbatch_defines()
+    foreign = [(line, name) for line, name in private_names_used(path) if name not in ours]
+    assert not foreign, f"{path.relative_to(SRC)} touches engine-private names {foreign}"
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the vitbatch modules it imports (lazily or not), the seam left out."""
+    known = modules()
+    graph: dict[str, set[str]] = {name: set() for name in known}
+    for name, path in known.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*anchor, *([base] if base else [])])
+                targets = [f"{base}.{alias.name}" for alias in node.names] + [base]
+            for target in targets:
+                while target and target not in known:
+                    target = target.rpartition(".")[0]
+                if not target or target == name:
+                    continue
+                if str(path).endswith(SEAM[0]) and target.startswith(SEAM[1]):
+                    continue
+                graph[name].add(target)
+    return graph
+
+
+def test_no_import_circle_in_src() -> None:
+    """No module reaches itself through imports, apart from the documented lazy seam
+    core/hooks.py -> plugin (a package's ``__init__`` importing its own modules is a
+    re-export, not a circle, and is left out)."""
+    graph = import_graph()
+    for name, targets in graph.items():
+        graph[name] = {t for t in targets if not name.startswith(f"{t}.")}
+    circles = []
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                circles.append(trail[trail.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, [*trail, nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not circles, circles
