@@ -123,7 +123,7 @@ class VitBatchEncoderCacheManager(EncoderCacheManager):
         vLLM forgets an evicted entry's rows; the host tier needs them, so the
         unreferenced entries are read before, the evicted hashes after.
         """
-        sizes = surface.evictable_rows(self) if wanted > surface.free_rows(self) else {}
+        sizes = surface.rows_to_evict_from(self, wanted)
         ok = evict()
         freed = surface.evicted(self)
         for mm_hash in freed[self._freed_seen :]:

@@ -1,19 +1,15 @@
 """vitbatch's only door to vLLM: every vLLM name it imports, reads, writes or wraps.
 
 vLLM has no plugin API for encoder batching, so the adapter wraps private
-methods and reads internal fields, which move between releases. Every one of
-them is used here, in an accessor declared with :func:`_uses` (or a wrap point
-declared with :func:`_point`) naming what it relies on; :func:`check` probes
-exactly that list at start-up, so a missing name switches vitbatch off with one
-log line instead of failing mid-step, and the list cannot drift from the code.
-Feature probes, not version numbers. A name ending in ``?`` is used where
-present (a later release added it) and is not probed; ``Class().field`` is an
-instance attribute, probed in the class's code (it exists only on instances).
-
-Parts, each checked on its own: ``scheduler`` (without it vitbatch cannot run),
-``runner_v1`` (``GPUModelRunner`` of ``gpu_model_runner.py``: CPU, and GPU
-with ``VLLM_USE_V2_MODEL_RUNNER=0``), ``runner_v2`` (Model Runner V2, the GPU
-default); ``bench`` is used by ``vitbatch bench-vllm`` only.
+methods and reads internal fields, which move between releases. Each is used
+here only, in an accessor (or wrap point) declaring the names it relies on
+(syntax: :mod:`.probing`); :func:`check` probes that list at start-up, so a
+missing name switches vitbatch off with one log line instead of failing
+mid-step, and the list cannot drift from the code. Parts, checked each on its
+own: ``scheduler`` (without it vitbatch cannot run), ``runner_v1``
+(``gpu_model_runner.py``: CPU, and GPU with ``VLLM_USE_V2_MODEL_RUNNER=0``),
+``runner_v2`` (Model Runner V2, the GPU default); ``bench`` (``vitbatch
+bench-vllm`` only) is not probed.
 
 Private fields that remain, and why:
 
@@ -50,6 +46,13 @@ from vitbatch.adapters.vllm.probing import SurfaceReport
 PARTS = ("scheduler", "runner_v1", "runner_v2")
 _registry = probing.Registry()
 _uses = _registry.uses
+_SCHEDULER = "vllm.v1.core.sched.scheduler:Scheduler"
+_ECM = "vllm.v1.core.encoder_cache_manager:EncoderCacheManager"
+_V1 = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
+_V2 = "vllm.v1.worker.gpu.model_runner:GPUModelRunner"
+_ENCODER_RUNNER = "vllm.v1.worker.gpu.mm.encoder_runner:EncoderRunner"
+_V2_CACHE = "vllm.v1.worker.gpu.mm.encoder_cache:EncoderCache"
+_BOTH = ("runner_v1", "runner_v2")
 
 
 def names(part: str | None = None) -> tuple[probing.EngineName, ...]:
@@ -93,13 +96,11 @@ def _point(part: str, spec: str) -> WrapPoint:
     return WrapPoint(module, owner, method)
 
 
-SCHEDULER_INIT = _point("scheduler", "vllm.v1.core.sched.scheduler:Scheduler.__init__")
-SCHEDULER_SCHEDULE = _point("scheduler", "vllm.v1.core.sched.scheduler:Scheduler.schedule")
-_V1 = "vllm.v1.worker.gpu_model_runner:GPUModelRunner"
+SCHEDULER_INIT = _point("scheduler", f"{_SCHEDULER}.__init__")
+SCHEDULER_SCHEDULE = _point("scheduler", f"{_SCHEDULER}.schedule")
 V1_UPDATE_STATES = _point("runner_v1", f"{_V1}._update_states")
 V1_EXECUTE_MM_ENCODER = _point("runner_v1", f"{_V1}._execute_mm_encoder")
-V2_FREE_STATES = _point("runner_v2", "vllm.v1.worker.gpu.model_runner:GPUModelRunner.free_states")
-_ENCODER_RUNNER = "vllm.v1.worker.gpu.mm.encoder_runner:EncoderRunner"
+V2_FREE_STATES = _point("runner_v2", f"{_V2}.free_states")
 V2_PREPARE_MM_INPUTS = _point("runner_v2", f"{_ENCODER_RUNNER}.prepare_mm_inputs")
 V2_EXECUTE_MM_ENCODER = _point("runner_v2", f"{_ENCODER_RUNNER}.execute_mm_encoder")
 
@@ -112,13 +113,7 @@ def unwrap(point: WrapPoint) -> None:
     patching.unwrap(point.owner_class(), point.method)
 
 
-def is_wrapped(point: WrapPoint) -> bool:
-    return patching.original_of(getattr(point.owner_class(), point.method)) is not None
-
-
 # -- scheduler side ------------------------------------------------------------
-
-_ECM = "vllm.v1.core.encoder_cache_manager:EncoderCacheManager"
 
 
 @_uses("scheduler", _ECM, *(f"{_ECM}.{m}" for m in ("can_allocate", "allocate", "reset")))
@@ -137,30 +132,25 @@ def encoder_decoder_manager(cache_size: int) -> Any:
     return EncoderDecoderCacheManager(cache_size=cache_size)
 
 
-@_uses("scheduler", "vllm.v1.core.encoder_cache_manager:EncoderCacheManager().cache_size")
+@_uses("scheduler", f"{_ECM}().cache_size")
 def cache_size(manager: Any) -> int:
     return manager.cache_size
 
 
-@_uses("scheduler", "vllm.v1.core.encoder_cache_manager:EncoderCacheManager().num_free_slots")
-def free_rows(manager: Any) -> int:
-    """Device-cache rows free without evicting."""
-    return manager.num_free_slots
+@_uses("scheduler", f"{_ECM}().num_free_slots", f"{_ECM}().freeable")
+def rows_to_evict_from(manager: Any, wanted: int) -> dict[str, int]:
+    """What vLLM would evict from (mm hash -> rows, a copy) to fit ``wanted`` rows; ``{}``
+    when they fit already."""
+    return dict(manager.freeable) if wanted > manager.num_free_slots else {}
 
 
-@_uses("scheduler", "vllm.v1.core.encoder_cache_manager:EncoderCacheManager().freeable")
-def evictable_rows(manager: Any) -> dict[str, int]:
-    """A copy of the unreferenced entries (mm hash -> rows) vLLM evicts first-in first."""
-    return dict(manager.freeable)
-
-
-@_uses("scheduler", "vllm.v1.core.encoder_cache_manager:EncoderCacheManager().freed")
+@_uses("scheduler", f"{_ECM}().freed")
 def evicted(manager: Any) -> list[str]:
     """Hashes evicted since vLLM's last ``get_freed_mm_hashes`` (oldest first; read only)."""
     return manager.freed
 
 
-@_uses("scheduler", "vllm.v1.core.encoder_cache_manager:EncoderCacheManager().cached")
+@_uses("scheduler", f"{_ECM}().cached")
 def is_cached(manager: Any, mm_hash: str) -> bool:
     return mm_hash in manager.cached
 
@@ -172,7 +162,7 @@ def request_input(request: Any, input_id: int) -> tuple[str, int]:
     return feature.identifier, feature.mm_position.get_num_embeds()
 
 
-@_uses("scheduler", "vllm.v1.core.sched.scheduler:Scheduler().encoder_cache_manager")
+@_uses("scheduler", f"{_SCHEDULER}().encoder_cache_manager", f"{_SCHEDULER}().vllm_config")
 def scheduler_manager(scheduler: Any) -> Any:
     return getattr(scheduler, "encoder_cache_manager", None)
 
@@ -181,7 +171,6 @@ def set_scheduler_manager(scheduler: Any, manager: Any) -> None:
     scheduler.encoder_cache_manager = manager
 
 
-@_uses("scheduler", "vllm.v1.core.sched.scheduler:Scheduler().vllm_config")
 def scheduler_config(scheduler: Any) -> Any:
     return getattr(scheduler, "vllm_config", None)
 
@@ -215,10 +204,6 @@ def scheduled_encoder_inputs(scheduler_output: Any) -> Mapping[str, list[int]]:
 
 
 # -- both model runners ----------------------------------------------------------------
-
-
-_V2 = "vllm.v1.worker.gpu.model_runner:GPUModelRunner"
-_BOTH = ("runner_v1", "runner_v2")
 
 
 @_uses("runner_v1", f"{_V1}().device", f"{_V1}().model_config")
@@ -355,8 +340,6 @@ def v1_store(runner: Any, mm_hash: str, output: Any, scheduler_output: Any) -> N
 
 
 # -- model runner V2 -----------------------------------------------------------------
-
-_V2_CACHE = "vllm.v1.worker.gpu.mm.encoder_cache:EncoderCache"
 
 
 @_uses("runner_v2", f"{_V2}().encoder_cache", f"{_V2}().model_state")
