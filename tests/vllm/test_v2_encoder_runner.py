@@ -139,9 +139,9 @@ def _native(features, scheduled) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(autouse=True)
 def patched():
-    assert worker.install_v2_patches()
+    assert worker.install_runner("v2")
     yield
-    worker.uninstall_v2_patches()
+    worker.uninstall_runner("v2")
 
 
 def test_without_vitbatch_metadata_v2_is_untouched() -> None:

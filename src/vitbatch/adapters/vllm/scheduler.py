@@ -55,11 +55,6 @@ class SchedulerStats:
     """host-tier hits that could not get device-cache room (encoded instead)."""
 
 
-def host_index(capacity_embeds: int) -> LruTier[str, int]:
-    """What the workers' host tiers hold: mm hash -> embedding rows, LRU, bounded in rows."""
-    return LruTier(capacity_embeds, int)
-
-
 class VitBatchEncoderCacheManager(EncoderCacheManager):
     """vLLM's ``EncoderCacheManager`` plus vitbatch's host tier and per-step worker metadata."""
 
@@ -97,7 +92,8 @@ class VitBatchEncoderCacheManager(EncoderCacheManager):
     ) -> None:
         super().__init__(cache_size=cache_size)
         self.options = options or VllmOptions()
-        self.host = host_index(host_capacity_embeds)
+        # What the workers' host tiers hold: mm hash -> embedding rows, LRU, bounded in rows.
+        self.host: LruTier[str, int] = LruTier(host_capacity_embeds, int)
         self.stats = SchedulerStats()
         self._evicted_sizes: dict[str, int] = {}  # evicted this pass -> rows
         self._freed_seen = 0
@@ -324,9 +320,3 @@ def install_scheduler_patch() -> bool:
     for point, factory in _PATCHES:
         surface.wrap(point, factory)
     return True
-
-
-def uninstall_scheduler_patch() -> None:
-    """Restore vLLM's methods (tests)."""
-    for point, _ in _PATCHES:
-        surface.unwrap(point)

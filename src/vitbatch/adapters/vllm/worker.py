@@ -28,33 +28,29 @@ def install_worker_patches() -> dict[str, bool]:
     """
     report = surface.check()
     driven = {}
-    for runner, (part, patches) in RUNNERS.items():
-        driven[runner] = report.ok(part)
-        if driven[runner]:
-            for point, factory in patches:
-                surface.wrap(point, factory)
-        elif part not in _logged_parts:
+    for runner, (part, _) in RUNNERS.items():
+        driven[runner] = report.ok(part) and install_runner(runner)
+        if not driven[runner] and part not in _logged_parts:
             _logged_parts.add(part)
             logger.info("vitbatch: not driving that model runner: %s", report.describe(part))
     return driven
 
 
-def uninstall_worker_patches() -> None:
-    """Restore vLLM's methods (tests)."""
-    for runner, (part, patches) in RUNNERS.items():
-        if runner == "v1" or surface.check().ok(part):
-            for point, _ in patches:
-                surface.unwrap(point)
-
-
-def install_v2_patches() -> bool:
-    """Wrap Model Runner V2 alone (tests; the caller checked the engine surface)."""
-    for point, factory in worker_v2.PATCHES:
+def install_runner(runner: str) -> bool:
+    """Wrap one model runner (``"v1"`` or ``"v2"``); the caller checked its engine surface."""
+    for point, factory in RUNNERS[runner][1]:
         surface.wrap(point, factory)
     return True
 
 
-def uninstall_v2_patches() -> None:
-    """Restore Model Runner V2's methods (tests)."""
-    for point, _ in worker_v2.PATCHES:
+def uninstall_runner(runner: str) -> None:
+    """Restore one model runner's methods (tests)."""
+    for point, _ in RUNNERS[runner][1]:
         surface.unwrap(point)
+
+
+def uninstall_worker_patches() -> None:
+    """Restore vLLM's methods (tests)."""
+    for runner, (part, _) in RUNNERS.items():
+        if runner == "v1" or surface.check().ok(part):
+            uninstall_runner(runner)
