@@ -25,7 +25,14 @@ from vllm.v1.request import Request
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
 from vitbatch.adapters import vllm as adapter
-from vitbatch.adapters.vllm import VitBatchStepMetadata, VllmOptions, scheduler, surface, worker
+from vitbatch.adapters.vllm import (
+    VitBatchStepMetadata,
+    VllmOptions,
+    scheduler,
+    surface,
+    worker,
+    worker_v1,
+)
 
 Manager = adapter.VitBatchEncoderCacheManager
 BIG_BUDGET = 10**9
@@ -339,7 +346,7 @@ def _vllm_frees(runner, scheduler_output) -> None:
 
 def process(runner, freed, metadata) -> None:
     """vitbatch's V1 ``_update_states`` wrapper around vLLM's freeing."""
-    worker._v1_update_states(_vllm_frees)(
+    worker_v1.update_states(_vllm_frees)(
         runner, SimpleNamespace(free_encoder_mm_hashes=list(freed), ec_manager_metadata=metadata)
     )
 

@@ -26,7 +26,7 @@ from vllm.multimodal.inputs import (  # noqa: E402 - after the importorskip
     MultiModalKwargsItem,
 )
 
-from vitbatch.adapters.vllm import VitBatchStepMetadata, worker_v2  # noqa: E402
+from vitbatch.adapters.vllm import VitBatchStepMetadata, worker  # noqa: E402
 
 HIDDEN = 8
 ROWS = 3
@@ -139,9 +139,9 @@ def _native(features, scheduled) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(autouse=True)
 def patched():
-    assert worker_v2.install_v2_patches()
+    assert worker.install_runner("v2")
     yield
-    worker_v2.uninstall_v2_patches()
+    worker.uninstall_runner("v2")
 
 
 def test_without_vitbatch_metadata_v2_is_untouched() -> None:

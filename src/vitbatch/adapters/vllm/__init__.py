@@ -5,19 +5,21 @@ supported vLLM, 0.26+), ``VITBATCH_VLLM=1`` in the engine's environment, or, on
 0.27+, ``--ec-manager-config`` naming :data:`MANAGER_QUALNAME`. The options are
 :class:`~.options.VllmOptions`; a bad value stops vLLM at start-up.
 
-One module per side:
+This package is the role-routed shell; the modules, top to bottom:
 
-* :mod:`.options` - the options and where vLLM's config carries them;
-* :mod:`.surface` - every private vLLM name used, checked before switching on;
 * :mod:`.scheduler` - the manager subclass (host-tier index, per-step metadata)
   and the ``Scheduler`` wrapper that installs it;
-* :mod:`.metadata` - the per-step message from scheduler to workers;
-* :mod:`.worker` - worker state, host-tier moves, model runner V1;
-* :mod:`.worker_v2` - Model Runner V2 (the GPU default).
+* :mod:`.worker` - the worker side's installer, the only module that knows both
+  model runners; :mod:`.worker_v1` and :mod:`.worker_v2` - their wrappers;
+* :mod:`.worker_state` - vitbatch's per-runner state, host-tier moves, items;
+* :mod:`.metadata` - the per-step message from scheduler to workers (shared);
+* :mod:`.options` - the options and where vLLM's config carries them;
+* :mod:`.surface` - the only module that touches vLLM: every vLLM name used,
+  behind accessors, and the start-up check generated from them
+  (:mod:`.probing` and :mod:`.patching`, engine-free, do the probing and wrapping).
 
-This package is the only part of vitbatch that imports vLLM, and importing it
-imports no vLLM: :func:`register` and the lazy attributes below do, when vLLM
-calls them.
+Importing this package imports no vLLM: :func:`register` and the lazy
+attributes below do, when vLLM calls them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import logging
 from dataclasses import asdict
 from typing import Any
 
+from vitbatch.adapters.vllm import metadata
 from vitbatch.adapters.vllm.metadata import VitBatchStepMetadata
 from vitbatch.adapters.vllm.options import (
     CONFIG_KEY,
@@ -50,6 +53,16 @@ __all__ = [
 
 logger = logging.getLogger("vllm.vitbatch")
 _registered = False
+
+
+def _install_worker_side() -> None:
+    from vitbatch.adapters.vllm.worker import install_worker_patches
+
+    install_worker_patches()
+
+
+# Step metadata arriving in a worker process means vitbatch is on there.
+metadata.on_arrival(_install_worker_side)
 
 
 def register() -> None:
@@ -98,7 +111,7 @@ def stats() -> dict[str, Any]:
         for name, value in asdict(manager.stats).items():
             total[name] += value
     scheduler_totals = total
-    from vitbatch.adapters.vllm.worker import merged_stats, states
+    from vitbatch.adapters.vllm.worker_state import merged_stats, states
 
     all_states = list(states)
     worker, kinds = merged_stats(all_states)

@@ -6,14 +6,28 @@ scheduler patch (:mod:`.scheduler`) attaches the same object to the
 ``SchedulerOutput`` as an attribute; the output is a plain dataclass, pickled
 whole to worker processes, so the attribute arrives with it. :func:`read`
 looks in both places, so the workers need not know which route a version took.
+
+Shared by both sides and importing neither: what arriving in a worker process
+sets off (installing the runner wrappers) is given by the package through
+:func:`on_arrival`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from vitbatch.adapters.vllm import surface
+
 ATTRIBUTE = "vitbatch_metadata"
+_arrival: list[Callable[[], Any]] = []
+
+
+def on_arrival(callback: Callable[[], Any]) -> None:
+    """Call ``callback`` whenever step metadata is unpickled (a worker learns vitbatch is on)."""
+    if callback not in _arrival:
+        _arrival.append(callback)
 
 
 @dataclass(frozen=True)
@@ -43,22 +57,23 @@ class VitBatchStepMetadata:
         # process's model runners honour these instructions.
         for name, value in state.items():
             object.__setattr__(self, name, value)
-        from vitbatch.adapters.vllm.worker import install_worker_patches
-
-        install_worker_patches()
+        for callback in _arrival:
+            callback()
 
 
 def attach(scheduler_output: Any, metadata: VitBatchStepMetadata) -> None:
     """Give ``scheduler_output`` this step's metadata unless vLLM already carried it."""
-    if isinstance(getattr(scheduler_output, "ec_manager_metadata", None), VitBatchStepMetadata):
+    if isinstance(surface.carried_metadata(scheduler_output), VitBatchStepMetadata):
         return
     object.__setattr__(scheduler_output, ATTRIBUTE, metadata)
 
 
 def read(scheduler_output: Any) -> VitBatchStepMetadata | None:
     """This step's metadata, or ``None`` when the step is not vitbatch's (vitbatch off)."""
-    for name in ("ec_manager_metadata", ATTRIBUTE):
-        metadata = getattr(scheduler_output, name, None)
+    for metadata in (
+        surface.carried_metadata(scheduler_output),
+        getattr(scheduler_output, ATTRIBUTE, None),
+    ):
         if isinstance(metadata, VitBatchStepMetadata):
             return metadata
     return None

@@ -20,26 +20,19 @@ class builds it directly through :meth:`create_manager`.
 
 from __future__ import annotations
 
-import functools
 import logging
-import threading
+import sys
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-import torch
-from vllm.v1.core.encoder_cache_manager import EncoderCacheManager
+from typing import Any
 
 from vitbatch.adapters.vllm import surface
 from vitbatch.adapters.vllm.metadata import VitBatchStepMetadata, attach
 from vitbatch.adapters.vllm.options import VllmOptions, configured_options
 from vitbatch.core.host_tier import LruTier
 
-if TYPE_CHECKING:
-    from vllm.config import VllmConfig
-    from vllm.v1.request import Request
-
+EncoderCacheManager = surface.manager_base()
 logger = logging.getLogger("vllm.vitbatch")
 
 managers: weakref.WeakSet[VitBatchEncoderCacheManager] = weakref.WeakSet()
@@ -62,18 +55,13 @@ class SchedulerStats:
     """host-tier hits that could not get device-cache room (encoded instead)."""
 
 
-def host_index(capacity_embeds: int) -> LruTier[str, int]:
-    """What the workers' host tiers hold: mm hash -> embedding rows, LRU, bounded in rows."""
-    return LruTier(capacity_embeds, int)
-
-
 class VitBatchEncoderCacheManager(EncoderCacheManager):
     """vLLM's ``EncoderCacheManager`` plus vitbatch's host tier and per-step worker metadata."""
 
     @classmethod
     def create_manager(
-        cls, *, cache_size: int, vllm_config: VllmConfig, options: VllmOptions | None = None
-    ) -> EncoderCacheManager:
+        cls, *, cache_size: int, vllm_config: Any, options: VllmOptions | None = None
+    ) -> Any:
         """The manager for ``vllm_config`` (vLLM 0.27+ calls it for ``--ec-manager-config``).
 
         Encoder-decoder models keep vLLM's own manager: vLLM does not cache their
@@ -81,22 +69,15 @@ class VitBatchEncoderCacheManager(EncoderCacheManager):
         """
         if options is None:
             options = configured_options(vllm_config) or VllmOptions()
-        model_config = vllm_config.model_config
-        if model_config.is_encoder_decoder:
-            from vllm.v1.core.encoder_cache_manager import EncoderDecoderCacheManager
-
+        if surface.is_encoder_decoder(vllm_config):
             logger.warning(
                 "vitbatch: encoder-decoder model; using vLLM's own encoder cache manager"
             )
-            return EncoderDecoderCacheManager(cache_size=cache_size)
+            return surface.encoder_decoder_manager(cache_size)
         from vitbatch.adapters.vllm.worker import install_worker_patches
 
         install_worker_patches()  # in-process executors: this process runs the model too
-        bytes_per_embed = (
-            model_config.get_hidden_size()
-            * torch.tensor([], dtype=model_config.dtype).element_size()
-        )
-        host_capacity = options.host_capacity_embeds(bytes_per_embed)
+        host_capacity = options.host_capacity_embeds(surface.bytes_per_embed(vllm_config))
         logger.info(
             "vitbatch: encoder cache manager on "
             "(device cache %d embeddings, host tier %d embeddings, %s)",
@@ -111,7 +92,8 @@ class VitBatchEncoderCacheManager(EncoderCacheManager):
     ) -> None:
         super().__init__(cache_size=cache_size)
         self.options = options or VllmOptions()
-        self.host = host_index(host_capacity_embeds)
+        # What the workers' host tiers hold: mm hash -> embedding rows, LRU, bounded in rows.
+        self.host: LruTier[str, int] = LruTier(host_capacity_embeds, int)
         self.stats = SchedulerStats()
         self._evicted_sizes: dict[str, int] = {}  # evicted this pass -> rows
         self._freed_seen = 0
@@ -131,38 +113,48 @@ class VitBatchEncoderCacheManager(EncoderCacheManager):
         self._restore, self._demote, self._drop = [], [], []
         self._reset = True
 
-    def _note_evictions(self, sizes: Mapping[str, int]) -> None:
-        for mm_hash in self.freed[self._freed_seen :]:
+    def _evicting(self, wanted: int, evict: Callable[[], bool]) -> bool:
+        """Run vLLM's eviction (``evict``: its ``can_allocate``), noting the rows it evicts.
+
+        vLLM forgets an evicted entry's rows; the host tier needs them, so the
+        unreferenced entries are read before, the evicted hashes after.
+        """
+        sizes = surface.rows_to_evict_from(self, wanted)
+        ok = evict()
+        freed = surface.evicted(self)
+        for mm_hash in freed[self._freed_seen :]:
             if mm_hash in sizes:
                 self._evicted_sizes[mm_hash] = sizes[mm_hash]
-        self._freed_seen = len(self.freed)
+        self._freed_seen = len(freed)
+        return ok
 
     def can_allocate(
         self,
-        request: Request,
+        request: Any,
         input_id: int,
         encoder_compute_budget: int,
         num_embeds_to_schedule: int,
     ) -> bool:
         wanted = request.get_num_encoder_embeds(input_id) + num_embeds_to_schedule
-        sizes = dict(self.freeable) if wanted > self.num_free_slots else {}
-        ok = super().can_allocate(request, input_id, encoder_compute_budget, num_embeds_to_schedule)
-        self._note_evictions(sizes)
+        ok = self._evicting(
+            wanted,
+            lambda: super(VitBatchEncoderCacheManager, self).can_allocate(
+                request, input_id, encoder_compute_budget, num_embeds_to_schedule
+            ),
+        )
         if ok:
             self._promised = (request.request_id, wanted)
         return ok
 
-    def allocate(self, request: Request, input_id: int) -> None:
+    def allocate(self, request: Any, input_id: int) -> None:
         super().allocate(request, input_id)
         self._promised = None
 
-    def check_and_update_cache(self, request: Request, input_id: int) -> bool:
+    def check_and_update_cache(self, request: Any, input_id: int) -> bool:
         if super().check_and_update_cache(request, input_id):
             self.stats.cache_hits += 1
             return True
-        feature = request.mm_features[input_id]
-        mm_hash = feature.identifier
-        num_embeds = feature.mm_position.get_num_embeds()
+        mm_hash, num_embeds = surface.request_input(request, input_id)
         revive = self._evicted_sizes.get(mm_hash) == num_embeds
         if not revive:
             host_rows = self.host.peek(mm_hash)
@@ -175,17 +167,12 @@ class VitBatchEncoderCacheManager(EncoderCacheManager):
                 self._drop.append(mm_hash)
                 self.stats.host_drops += 1
                 return False
-        if not self._make_room(request, num_embeds):
+        if not self._make_room(request, input_id, num_embeds):
             self.stats.restores_refused += 1
             return False
-        # Same bookkeeping as vLLM's allocate(), minus the compute budget:
-        # nothing will be encoded for this entry.
-        self.cached.setdefault(mm_hash, set()).add(request.request_id)
-        if hasattr(self, "num_embeds_by_hash"):  # vLLM 0.27+
-            self.num_embeds_by_hash[mm_hash] = num_embeds
-        self.request_cached_ids.setdefault(request.request_id, set()).add(input_id)
-        self.num_free_slots -= num_embeds
-        self.num_freeable_slots -= num_embeds
+        # vLLM's own allocate() (ours would drop the promise): the entry is
+        # cached now; nothing will be encoded for it, so no compute budget.
+        super().allocate(request, input_id)
         if revive:
             # The worker still holds it; get_freed_mm_hashes() drops re-cached
             # hashes from the free list.
@@ -197,8 +184,8 @@ class VitBatchEncoderCacheManager(EncoderCacheManager):
             self.stats.host_restores += 1
         return True
 
-    def _make_room(self, request: Request, num_embeds: int) -> bool:
-        """Free device-cache rows for a restore, like can_allocate() but with no compute budget.
+    def _make_room(self, request: Any, input_id: int, num_embeds: int) -> bool:
+        """Free device-cache rows for a restore: vLLM's can_allocate() with no compute budget.
 
         Rows that can_allocate() already promised to this request's earlier
         inputs (allocated only after the request is scheduled) stay reserved.
@@ -206,26 +193,17 @@ class VitBatchEncoderCacheManager(EncoderCacheManager):
         promised = (
             self._promised[1] if self._promised and self._promised[0] == request.request_id else 0
         )
-        wanted = num_embeds + promised
-        if wanted <= self.num_free_slots:
-            return True
-        if wanted > self.num_freeable_slots:
-            return False
-        sizes = dict(self.freeable)
-        while wanted > self.num_free_slots:
-            mm_hash, rows = self.freeable.popitem(last=False)
-            del self.cached[mm_hash]
-            if hasattr(self, "num_embeds_by_hash"):  # vLLM 0.27+
-                del self.num_embeds_by_hash[mm_hash]
-            self.freed.append(mm_hash)
-            self.num_free_slots += rows
-        self._note_evictions(sizes)
-        return True
+        return self._evicting(
+            num_embeds + promised,
+            lambda: super(VitBatchEncoderCacheManager, self).can_allocate(
+                request, input_id, sys.maxsize, promised
+            ),
+        )
 
     def get_freed_mm_hashes(self) -> list[str]:
         # vLLM 0.27+ already leaves out hashes cached again in this pass; 0.26
         # does not, and freeing a revived entry would lose what the step needs.
-        freed = [h for h in super().get_freed_mm_hashes() if h not in self.cached]
+        freed = [h for h in super().get_freed_mm_hashes() if not surface.is_cached(self, h)]
         demoted: list[str] = []
         for mm_hash in freed:
             rows = self._evicted_sizes.get(mm_hash)
@@ -274,9 +252,9 @@ def enable_on(scheduler: Any) -> bool:
         then fails to start, with a message naming the option).
     :returns: whether vitbatch's manager is in charge now.
     """
-    vllm_config = getattr(scheduler, "vllm_config", None)
+    vllm_config = surface.scheduler_config(scheduler)
     options = configured_options(vllm_config)
-    current = getattr(scheduler, "encoder_cache_manager", None)
+    current = surface.scheduler_manager(scheduler)
     if options is None or isinstance(current, VitBatchEncoderCacheManager):
         return isinstance(current, VitBatchEncoderCacheManager)
     report = surface.check()
@@ -297,39 +275,38 @@ def enable_on(scheduler: Any) -> bool:
             type(current).__name__,
         )
         return False
-    scheduler.encoder_cache_manager = VitBatchEncoderCacheManager.create_manager(
-        cache_size=current.cache_size, vllm_config=vllm_config, options=options
+    manager = VitBatchEncoderCacheManager.create_manager(
+        cache_size=surface.cache_size(current), vllm_config=vllm_config, options=options
     )
-    return isinstance(scheduler.encoder_cache_manager, VitBatchEncoderCacheManager)
+    surface.set_scheduler_manager(scheduler, manager)
+    return isinstance(manager, VitBatchEncoderCacheManager)
 
 
-def _wrapped_init(original):
-    @functools.wraps(original)
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+def _wrapped_init(original: Callable[..., Any]) -> Callable[..., Any]:
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
         enable_on(self)
 
-    __init__.__vitbatch_original__ = original  # type: ignore[attr-defined]
     return __init__
 
 
-def _wrapped_schedule(original):
-    @functools.wraps(original)
-    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+def _wrapped_schedule(original: Callable[..., Any]) -> Callable[..., Any]:
+    def schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
         output = original(self, *args, **kwargs)
-        manager = self.encoder_cache_manager
+        manager = surface.scheduler_manager(self)
         if isinstance(manager, VitBatchEncoderCacheManager) and not isinstance(
-            getattr(output, "ec_manager_metadata", None), VitBatchStepMetadata
+            surface.carried_metadata(output), VitBatchStepMetadata
         ):
-            attach(output, manager.get_manager_metadata())
+            attach(output, manager.get_manager_metadata())  # vLLM 0.26: no field for it
         return output
 
-    schedule.__vitbatch_original__ = original  # type: ignore[attr-defined]
     return schedule
 
 
-_patch_lock = threading.Lock()
-_PATCHES = (("__init__", _wrapped_init), ("schedule", _wrapped_schedule))
+_PATCHES = (
+    (surface.SCHEDULER_INIT, _wrapped_init),
+    (surface.SCHEDULER_SCHEDULE, _wrapped_schedule),
+)
 
 
 def install_scheduler_patch() -> bool:
@@ -340,22 +317,6 @@ def install_scheduler_patch() -> bool:
     """
     if not surface.check().ok("scheduler"):
         return False
-    from vllm.v1.core.sched.scheduler import Scheduler
-
-    with _patch_lock:
-        for name, wrap in _PATCHES:
-            current = getattr(Scheduler, name)
-            if not hasattr(current, "__vitbatch_original__"):
-                setattr(Scheduler, name, wrap(current))
+    for point, factory in _PATCHES:
+        surface.wrap(point, factory)
     return True
-
-
-def uninstall_scheduler_patch() -> None:
-    """Restore vLLM's methods (tests)."""
-    from vllm.v1.core.sched.scheduler import Scheduler
-
-    with _patch_lock:
-        for name, _ in _PATCHES:
-            original = getattr(getattr(Scheduler, name), "__vitbatch_original__", None)
-            if original is not None:
-                setattr(Scheduler, name, original)
