@@ -221,6 +221,12 @@ def hidden_size(runner: Any) -> int | None:
     return width if isinstance(width, int) and width > 0 else None
 
 
+def embedding_dtype(runner: Any) -> torch.dtype | None:
+    """The dtype vLLM's own encoder outputs have: the model's."""
+    dtype = getattr(getattr(runner, "model_config", None), "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
 @_uses(_BOTH, "vllm.distributed:get_tp_group?", "vllm.distributed:get_tensor_model_parallel_rank?")
 def agree_group(runner: Any) -> Any:
     """The CPU group of the TP ranks that share a sharded vision tower, or ``None``

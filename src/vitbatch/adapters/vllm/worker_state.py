@@ -31,7 +31,7 @@ import torch
 
 from vitbatch.adapters.vllm import surface
 from vitbatch.adapters.vllm.metadata import VitBatchStepMetadata
-from vitbatch.core import Budget, EmbeddingCache, Item, Span, VitBatcher
+from vitbatch.core import Budget, EmbeddingCache, HostReferenceOffload, Item, Span, VitBatcher
 from vitbatch.core.agreement import group_agree
 from vitbatch.metrics import export_batcher
 
@@ -87,12 +87,15 @@ class WorkerState:
     def __init__(self, runner: Any, metadata: VitBatchStepMetadata, runner_kind: str) -> None:
         group = surface.agree_group(runner)
         self.runner_kind = runner_kind
+        self.offload = HostReferenceOffload()  # restored entries remember their host copy
         self.batcher = VitBatcher(
             budget=Budget(metadata.max_batch_patches, metadata.max_batch_items),
             cache=EmbeddingCache(0),
             hidden_size=surface.hidden_size(runner),
+            dtype=surface.embedding_dtype(runner),
             check_finite=metadata.check_finite,
             agree=group_agree(group) if group is not None else None,
+            offload=self.offload,
         )
         export_batcher(self.batcher, surface.metric_labels(runner))
         self.host: dict[str, torch.Tensor] = {}
@@ -173,7 +176,7 @@ def apply_tier_moves(
     the demoted entries leave ``cache`` for the host tier (vLLM's free then
     finds nothing to pop), then drops.
     """
-    offload = state.batcher.offload
+    offload = state.offload
     if metadata.reset:
         state.host.clear()
     for mm_hash in metadata.restore:
