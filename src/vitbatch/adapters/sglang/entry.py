@@ -7,6 +7,10 @@ It is idempotent and always:
 - adds the ``--enable-vit-batching`` option group to SGLang's parser and, when
   the flag is given, copies the settings into ``VITBATCH_*`` variables for the
   scheduler processes (:mod:`.settings`);
+- checks the ``VITBATCH_*`` settings where SGLang resolves its arguments
+  (``ServerArgs.resolve_once``) on every launch route: SGLang's plugin loader
+  logs and swallows what a plugin raises, so a bad value raised in
+  :func:`register` alone would leave vitbatch off without stopping anything.
 
 Only when enabled (flag or ``VITBATCH_ENABLE=1``) does it wrap SGLang's step
 function (:mod:`.step`), after the surface check; otherwise SGLang's multimodal
@@ -37,7 +41,13 @@ def register() -> None:
         return
     _registered = True
     surface.hook_cli(_after_add_cli_args, _after_from_cli_args)
-    if Settings.from_env().enabled:
+    surface.hook_server_args_resolution(_before_resolution)
+    try:
+        settings = Settings.from_env()
+    except ValueError as error:  # SGLang's loader would swallow it: _before_resolution raises it
+        logger.error("vitbatch is off in this process: %s", error)
+        return
+    if settings.enabled:
         _register_mm_hook()
 
 
@@ -54,6 +64,11 @@ def _after_from_cli_args(_result: Any, _cls: type, args: argparse.Namespace) -> 
         logger.warning("%s", warning)
     _register_mm_hook()
     surface.apply_hooks()  # this process's plugins already ran: patch it now too (fork)
+
+
+def _before_resolution(*_args: Any, **_kwargs: Any) -> None:
+    """Raise a bad ``VITBATCH_*`` value to the caller of ``ServerArgs.resolve_once``."""
+    Settings.from_env()
 
 
 def _register_mm_hook() -> None:

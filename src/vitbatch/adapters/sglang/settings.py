@@ -2,7 +2,8 @@
 
 Why through the environment: ``ServerArgs`` keeps only its own fields, and SGLang's
 scheduler processes inherit the launcher's environment and load plugins themselves.
-A bad flag value stops the launch naming the option, not the first image.
+A bad value stops the launch naming the option, on every route (``launch_server``
+flags, ``VITBATCH_*`` before ``sglang.Engine(...)``), not the first image.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 from vitbatch.core import Budget
 
 BOOLEANS = ("enabled", "check_finite")
+TRUE = ("1", "true", "yes", "on")
+FALSE = ("0", "false", "no", "off")
 RENAMED_ENV = "VITBATCH_MAX_TOKENS"
 RENAMED_MESSAGE = (
     "vitbatch: --vit-batch-max-tokens / VITBATCH_MAX_TOKENS (embedding tokens) was replaced by "
@@ -23,6 +26,16 @@ RENAMED_MESSAGE = (
     "spatial merging, the unit of every vitbatch budget (4 patches per token for 2x2-merge "
     "models such as Qwen2.5-VL; default 16384)"
 )
+
+
+def parse_bool(variable: str, raw: str) -> bool:
+    """``1/0 true/false yes/no on/off`` (any case); anything else stops the launch."""
+    word = raw.strip().lower()
+    if word in TRUE or word in FALSE:
+        return word in TRUE
+    raise ValueError(
+        f"vitbatch: {variable}={raw!r}: expected one of {'/'.join(TRUE + FALSE)} (any case)"
+    )
 
 
 @dataclass(frozen=True)
@@ -80,7 +93,7 @@ class Settings:
             if raw is None or raw == "":
                 continue
             if name in BOOLEANS:
-                values[name] = raw.strip().lower() in ("1", "true", "yes", "on")
+                values[name] = parse_bool(variable, raw)
             else:
                 try:
                     values[name] = int(raw)

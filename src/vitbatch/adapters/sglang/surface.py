@@ -89,6 +89,13 @@ def hook_cli(after_add_cli_args: Callable, after_from_cli_args: Callable) -> Non
     _register(f"{ARGS}.ServerArgs.from_cli_args", after_from_cli_args, "AFTER")
 
 
+@needs(f"{HOOKS}:HookType.BEFORE", f"{ARGS}:ServerArgs.resolve_once")
+def hook_server_args_resolution(before: Callable) -> None:
+    """A BEFORE hook on ``ServerArgs.resolve_once``, which every launch route calls before any
+    model or process starts, outside the plugin loader (that swallows what a plugin raises)."""
+    _register(f"{ARGS}.ServerArgs.resolve_once", before, "BEFORE")
+
+
 @needs(f"{HOOKS}:HookType.AROUND", f"{MM_SCHEDULE}:_get_chunked_prefill_embedding")
 def hook_chunked_prefill(around: Callable) -> None:
     """An AROUND hook on SGLang's step embedding of every request's multimodal items."""
