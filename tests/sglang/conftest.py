@@ -19,6 +19,7 @@ mm_schedule = pytest.importorskip("sglang.srt.managers.mm_schedule")
 from sglang.srt.managers.schedule_batch import Modality, MultimodalDataItem  # noqa: E402
 
 from vitbatch.adapters import sglang as adapter  # noqa: E402
+from vitbatch.adapters.sglang import entry  # noqa: E402
 
 HIDDEN = 8
 FEATURE_DIM = 4
@@ -193,7 +194,7 @@ def native_and_plugin():
     assert original.__globals__ is mm_schedule.__dict__
     saved_env = os.environ.get("VITBATCH_ENABLE")
     os.environ["VITBATCH_ENABLE"] = "1"
-    adapter._registered = adapter._mm_hook_registered = False
+    entry._registered = entry._mm_hook_registered = False
     HookRegistry.reset()
     adapter.register()
     HookRegistry.apply_hooks()
@@ -204,7 +205,7 @@ def native_and_plugin():
     finally:
         mm_schedule._get_chunked_prefill_embedding = original
         HookRegistry.reset()
-        adapter._registered = adapter._mm_hook_registered = False
+        entry._registered = entry._mm_hook_registered = False
         if saved_env is None:
             os.environ.pop("VITBATCH_ENABLE", None)
         else:

@@ -25,7 +25,7 @@ from tests.sglang.conftest import (
     run_get_embedding_and_mask,
 )
 from vitbatch.adapters import sglang as adapter
-from vitbatch.adapters import sglang_surface as surface
+from vitbatch.adapters.sglang import surface
 
 STEPS = {"count": 0, "vitbatch_requests": 0}
 CACHE_BYTES = 1 << 20

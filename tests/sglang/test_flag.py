@@ -137,3 +137,63 @@ def test_bad_environment_value_stops_the_launch() -> None:
     assert "--vit-batch-max-items / VITBATCH_MAX_ITEMS must be an integer >= 0" in result.get(
         "error", ""
     )
+
+
+# What ``sglang.Engine(...)`` does on its way to the model, without one: load the plugins
+# (SGLang's loader logs and swallows what a plugin raises), build ``ServerArgs`` from the
+# keyword arguments, resolve them. With a bad ``VITBATCH_*`` value vitbatch's error must reach
+# the caller here, before SGLang touches the (here nonexistent) model.
+ENGINE_ROUTE = (
+    "from sglang.srt.plugins import load_plugins; load_plugins();"
+    "from sglang.srt.server_args import ServerArgs;"
+    "ServerArgs(model_path='/nonexistent/tiny-vlm', device='cpu').resolve_once()"
+)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"VITBATCH_ENABLE": "1", "VITBATCH_MAX_ITEMS": "-2"},
+            "--vit-batch-max-items / VITBATCH_MAX_ITEMS must be an integer >= 0",
+        ),
+        (
+            {"VITBATCH_ENABLE": "yes-please"},
+            "VITBATCH_ENABLE='yes-please': expected one of 1/true/yes/on/0/false/no/off",
+        ),
+        (
+            {"VITBATCH_ENABLE": "1", "VITBATCH_CHECK_FINITE": "2"},
+            "VITBATCH_CHECK_FINITE='2': expected one of 1/true/yes/on/0/false/no/off",
+        ),
+    ],
+    ids=["max-items", "enable", "check-finite"],
+)
+def test_bad_environment_values_stop_the_offline_engine_route(
+    env: dict[str, str], message: str
+) -> None:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("VITBATCH_")}
+    environment.pop("SGLANG_PLUGINS", None)
+    environment.update(env, PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "-c", ENGINE_ROUTE],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("ValueError: vitbatch") and message in last, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("raw", "value"),
+    [("1", True), ("TRUE", True), ("Yes", True), ("on", True), (" 0 ", False), ("False", False)]
+    + [("NO", False), ("off", False)],
+)
+def test_boolean_variables_take_the_usual_spellings(raw: str, value: bool) -> None:
+    from vitbatch.adapters.sglang import Settings
+
+    settings = Settings.from_env({"VITBATCH_ENABLE": raw, "VITBATCH_CHECK_FINITE": raw})
+    assert settings.enabled is value and settings.check_finite is value

@@ -36,7 +36,8 @@ from tests.sglang.conftest import (
 from tests.sglang.test_differential import CACHE_BYTES, assert_same
 from vitbatch import hookimpl
 from vitbatch.adapters import sglang as adapter
-from vitbatch.adapters import sglang_surface as surface
+from vitbatch.adapters.sglang import state as adapter_state
+from vitbatch.adapters.sglang import surface
 from vitbatch.core.agreement import start_flags
 from vitbatch.plugin import make_plugin_manager
 from vitbatch.plugin.manager import DEFAULTS_NAME
@@ -300,8 +301,8 @@ def test_state_that_cannot_be_built_falls_back_to_sglang(native_and_plugin, capl
         native = [run_get_embedding_and_mask(build_step(step), FakeEncoder()) for _ in range(2)]
     saved = os.environ.get("VITBATCH_MAX_ITEMS")
     os.environ["VITBATCH_MAX_ITEMS"] = "-3"
-    adapter._state = None
-    adapter._state_error_logged = False
+    adapter_state._state = None
+    adapter_state._state_error_logged = False
     try:
         with caplog.at_level(logging.ERROR, logger="vitbatch.sglang"), active(patched):
             plugin = [run_get_embedding_and_mask(build_step(step), FakeEncoder()) for _ in range(2)]

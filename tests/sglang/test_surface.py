@@ -10,8 +10,7 @@ import torch
 
 pytest.importorskip("sglang.srt.managers.mm_schedule")
 
-from vitbatch.adapters import sglang as adapter  # noqa: E402
-from vitbatch.adapters import sglang_surface as surface  # noqa: E402
+from vitbatch.adapters.sglang import entry, surface  # noqa: E402
 
 
 def test_installed_sglang_has_the_whole_surface() -> None:
@@ -50,10 +49,10 @@ def test_mismatch_registers_no_hook_and_logs_one_line(monkeypatch, caplog) -> No
     registered = []
     record = staticmethod(lambda *a, **k: registered.append(a))
     monkeypatch.setattr(HookRegistry, "register", record)
-    monkeypatch.setattr(adapter, "_mm_hook_registered", False)
+    monkeypatch.setattr(entry, "_mm_hook_registered", False)
     monkeypatch.delattr(mm_schedule, "_can_skip_pre_embed_feature_move")
     with caplog.at_level(logging.ERROR, logger="vitbatch.sglang"):
-        adapter._register_mm_hook()
+        entry._register_mm_hook()
     assert registered == []
     lines = [r.getMessage() for r in caplog.records if "vitbatch is off" in r.getMessage()]
     assert len(lines) == 1 and "_can_skip_pre_embed_feature_move" in lines[0]

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from vitbatch.adapters.sglang import surface
 from vitbatch.bench import sgl_kernel_standin
 from vitbatch.bench.memory import read_peak, reset_peak
 from vitbatch.bench.workload import WORKLOADS, Image, WorkloadSpec, draw_requests
@@ -181,8 +182,6 @@ def offload_after_forward(items: Sequence, device: torch.device) -> tuple[int, i
     feature still on the GPU is copied to the host asynchronously, and
     ``mm_schedule.host_offload_event`` is recorded so the next step's host→device
     move waits for it. Returns (copies, bytes)."""
-    from sglang.srt.managers import mm_schedule
-
     if device.type != "cuda":  # SGLang offloads only when the input embeddings are on CUDA
         return 0, 0
     stream = torch.cuda.current_stream(device)
@@ -195,31 +194,28 @@ def offload_after_forward(items: Sequence, device: torch.device) -> tuple[int, i
             copies += 1
             nbytes += feature.numel() * feature.element_size()
     if copies:
-        if mm_schedule.host_offload_event is None:
-            mm_schedule.host_offload_event = torch.cuda.Event()
-        mm_schedule.host_offload_event.record(stream)
+        if surface.host_offload_event() is None:
+            surface.set_host_offload_event(torch.cuda.Event())
+        surface.host_offload_event().record(stream)
     return copies, nbytes
 
 
 def install_hook() -> tuple[Callable, Callable]:
     """SGLang's ``_get_chunked_prefill_embedding`` and the same with vitbatch's hook,
     installed the way the plugin entry point does it."""
-    from sglang.srt.managers import mm_schedule
-    from sglang.srt.plugins.hook_registry import HookRegistry
-
     from vitbatch.adapters import sglang as adapter
 
-    original = mm_schedule._get_chunked_prefill_embedding
+    original = surface.chunked_prefill_function()
     original = getattr(original, "__wrapped__", original)
     os.environ["VITBATCH_ENABLE"] = "1"
     adapter.register()
-    HookRegistry.apply_hooks()
-    patched = mm_schedule._get_chunked_prefill_embedding
+    surface.apply_hooks()
+    patched = surface.chunked_prefill_function()
     if patched is original:
         raise RuntimeError(
             "vitbatch's hook was not installed on mm_schedule._get_chunked_prefill_embedding"
         )
-    mm_schedule._get_chunked_prefill_embedding = original
+    surface.set_chunked_prefill_function(original)
     return original, patched
 
 
@@ -229,14 +225,11 @@ class ModeState:
     items of each request."""
 
     def __init__(self, mode: str, function: Callable, args: argparse.Namespace) -> None:
-        from sglang.srt.managers import mm_schedule
-        from sglang.srt.mem_cache.multimodal_cache import MultiModalStaticCache
-
         from vitbatch.adapters import sglang as adapter
 
         self.mode = mode
         self.function = function
-        self.cache = MultiModalStaticCache(args.cache_mb * 2**20)
+        self.cache = surface.new_embedding_cache(args.cache_mb * 2**20)
         self.event = None
         self.adapter = (
             adapter.reset_state(
@@ -253,36 +246,25 @@ class ModeState:
         self.calls = [0]
         self.copies = self.bytes = 0
         self.d2h_seconds = 0.0
-        del mm_schedule  # imported to fail early if SGLang is missing
 
     def enter(self) -> None:
-        from sglang.srt.managers import mm_schedule
-
         from vitbatch.adapters import sglang as adapter
 
-        mm_schedule.embedding_cache = self.cache
-        mm_schedule.host_offload_event = self.event
-        mm_schedule._get_chunked_prefill_embedding = self.function
+        surface.set_embedding_cache(self.cache)
+        surface.set_host_offload_event(self.event)
+        surface.set_chunked_prefill_function(self.function)
         if self.adapter is not None and adapter.get_state() is not self.adapter:
             raise RuntimeError("another vitbatch adapter state replaced this mode's")
 
     def leave(self) -> None:
-        from sglang.srt.managers import mm_schedule
-
-        self.event = mm_schedule.host_offload_event
+        self.event = surface.host_offload_event()
 
     def engine_items(self, request: EngineRequest) -> list:
-        from sglang.srt.managers.schedule_batch import Modality, MultimodalDataItem
-
         items = self.items.get(request.rid)
         if items is None:
             items = []
             for image, run in zip(request.images, request.offsets):
-                item = MultimodalDataItem(
-                    modality=Modality.IMAGE, offsets=[run], feature=image.features
-                )
-                item.set_hash(image.hash)
-                items.append(item)
+                items.append(surface.image_item(run, image.features, image.hash))
             self.items[request.rid] = items
         return items
 
@@ -303,8 +285,6 @@ def run_step(
     device: torch.device,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """One scheduler step for one mode: SGLang's ``get_embedding_and_mask``, then its copy-back."""
-    from sglang.srt.managers import mm_schedule
-
     items: list = []
     items_size, prefix, extend, offsets, ids = [0], [], [], [], []
     for part in step:
@@ -321,7 +301,7 @@ def run_step(
     placeholder = torch.as_tensor(pads, device=device)
     state.enter()
     try:
-        embedding, mask, _ = mm_schedule.get_embedding_and_mask(
+        embedding, mask, _ = surface.get_embedding_and_mask(
             func, items, placeholder, input_ids, items_size, prefix, extend, offsets
         )
         if device.type == "cuda":
@@ -329,7 +309,7 @@ def run_step(
         started = time.perf_counter()
         copies, nbytes = offload_after_forward(items, device)
         if copies:
-            mm_schedule.host_offload_event.synchronize()
+            surface.host_offload_event().synchronize()
         state.d2h_seconds += time.perf_counter() - started
         state.copies += copies
         state.bytes += nbytes
@@ -456,8 +436,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device, dtype = device_and_dtype(args)
     standin = sgl_kernel_standin.install_if_missing() if device.type == "cuda" else False
-    from sglang.srt.managers import mm_schedule  # noqa: F401 - after the stand-in, if any
-    from sglang.version import __version__ as sglang_version
+    surface.load_multimodal_modules()  # after the stand-in, if any
+    sglang_version = surface.sglang_version()
 
     torch.manual_seed(args.seed)
     model = build_encoder(args.encoder, device, dtype)
@@ -561,6 +541,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 def mm_schedule_restore(original: Callable) -> None:
-    from sglang.srt.managers import mm_schedule
-
-    mm_schedule._get_chunked_prefill_embedding = original
+    surface.set_chunked_prefill_function(original)

@@ -34,36 +34,25 @@ SGLang encoded (nor SGLang what vitbatch did), and would outlive
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
+from vitbatch.adapters.sglang import surface
 from vitbatch.core.cache import tensor_bytes
+from vitbatch.core.host_tier import LruTier
 from vitbatch.core.items import ItemKey
-
-
-def _sglang_cache() -> Any:
-    from sglang.srt.managers import mm_schedule
-
-    return mm_schedule.embedding_cache
-
-
-def _size(tensor: torch.Tensor) -> int:
-    """An entry's bytes as the installed SGLang counts them."""
-    from sglang.srt.mem_cache.multimodal_cache import _get_tensor_size
-
-    return int(_get_tensor_size(tensor))
 
 
 def _plain(hash_: int, entry: Any) -> tuple[ItemKey, torch.Tensor] | None:
     """A plain SGLang entry as vitbatch sees it, ``(ItemKey(hash, rows), [rows, hidden])``;
     ``None`` for anything else (absent, or an EVS result: another layout)."""
-    from sglang.srt.mem_cache.multimodal_cache import EmbeddingResult
-
-    if type(entry) is not EmbeddingResult:
+    embedding = surface.plain_embedding(entry)
+    if embedding is None:
         return None
-    tensor = entry.embedding.reshape(-1, entry.embedding.shape[-1])
+    tensor = embedding.reshape(-1, embedding.shape[-1])
     return ItemKey(hash_, tensor.shape[0]), tensor
 
 
@@ -78,7 +67,7 @@ class SGLangDeviceTier:
     @property
     def generation(self) -> int:
         """Bumped each time SGLang's module global names another cache object."""
-        cache = _sglang_cache()
+        cache = surface.embedding_cache()
         seen = self._seen() if self._seen is not None else None
         if cache is not seen:
             self._seen = weakref.ref(cache) if cache is not None else None
@@ -87,50 +76,50 @@ class SGLangDeviceTier:
 
     @property
     def capacity(self) -> int:
-        cache = _sglang_cache()
-        return int(cache.max_size) if cache is not None else 0
+        cache = surface.embedding_cache()
+        return surface.cache_capacity(cache) if cache is not None else 0
 
     @property
     def used(self) -> int:
-        cache = _sglang_cache()
-        return int(cache.current_size) if cache is not None else 0
+        cache = surface.embedding_cache()
+        return surface.cache_used(cache) if cache is not None else 0
 
     # -- lookups ---------------------------------------------------------------
     def _entry(self, key: ItemKey) -> torch.Tensor | None:
         """The usable embedding under ``key`` (no recency change), else ``None``."""
-        cache = _sglang_cache()
+        cache = surface.embedding_cache()
         if cache is None:
             return None
-        plain = _plain(key.hash, cache.mm_cache.get(key.hash))
+        plain = _plain(key.hash, surface.cache_entries(cache).get(key.hash))
         return plain[1] if plain is not None and plain[0] == key else None
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, ItemKey) and self._entry(key) is not None
 
     def __len__(self) -> int:
-        cache = _sglang_cache()
-        return len(cache.mm_cache) if cache is not None else 0
+        cache = surface.embedding_cache()
+        return len(surface.cache_entries(cache)) if cache is not None else 0
 
     def items(self) -> list[tuple[ItemKey, torch.Tensor]]:
         """Every plain entry as ``(ItemKey(hash, rows), [rows, hidden])``, LRU first."""
-        cache = _sglang_cache()
+        cache = surface.embedding_cache()
         if cache is None:
             return []
-        plain = (_plain(hash_, entry) for hash_, entry in cache.mm_cache.items())
+        plain = (_plain(hash_, entry) for hash_, entry in surface.cache_entries(cache).items())
         return [item for item in plain if item is not None]
 
     def peek(self, key: ItemKey) -> torch.Tensor | None:
         return self._entry(key)
 
     def touch(self, key: ItemKey) -> None:
-        cache = _sglang_cache()
+        cache = surface.embedding_cache()
         if cache is not None:
-            cache.get_single(key.hash)  # SGLang's own "used now"
+            surface.cache_touch(cache, key.hash)
 
     def pop(self, key: ItemKey) -> torch.Tensor | None:
         tensor = self._entry(key)
         if tensor is not None:
-            _sglang_cache().free(key.hash, None)
+            surface.cache_free(surface.embedding_cache(), key.hash)
         return tensor
 
     # -- stores ----------------------------------------------------------------
@@ -139,55 +128,46 @@ class SGLangDeviceTier:
     ) -> list[tuple[ItemKey, torch.Tensor]] | None:
         """Store ``value`` under ``key.hash``, evicting unprotected entries in SGLang's
         LRU order; ``None`` (nothing evicted) when it cannot fit."""
-        from sglang.srt.mem_cache.multimodal_cache import EmbeddingResult
-
-        cache = _sglang_cache()
+        cache = surface.embedding_cache()
         if cache is None:
             return None
         if self._entry(key) is not None:
-            cache.get_single(key.hash)
+            surface.cache_touch(cache, key.hash)
             return []
         protected = set(protected)
-        other = cache.mm_cache.get(key.hash)
+        other = surface.cache_entries(cache).get(key.hash)
         if other is not None:  # another row count under the same hash, or EVS
             plain = _plain(key.hash, other)
             if plain is not None and plain[0] in protected:
                 return None  # this step uses it (SGLang's set keeps the first writer too)
-            cache.free(key.hash, None)  # stale: SGLang frees a mismatched entry the same way
-        protected_hashes = {k.hash for k in protected}
+            surface.cache_free(cache, key.hash)  # stale: SGLang frees a mismatch the same way
         if value.untyped_storage().nbytes() > tensor_bytes(value):
             value = value.clone()  # a view would pin its whole base (and count differently)
-        size = _size(value)
-        victims = self._victims(cache, size, protected_hashes)
+        victims = self._victims(cache, surface.sglang_bytes(value), {k.hash for k in protected})
         if victims is None:
             return None
         evicted = []
         for hash_ in victims:
-            plain = _plain(hash_, cache.mm_cache[hash_])
-            cache.free(hash_, None)
+            plain = _plain(hash_, surface.cache_entries(cache)[hash_])
+            surface.cache_free(cache, hash_)
             if plain is not None:
                 evicted.append(plain)
-        if not cache.set(key.hash, EmbeddingResult(embedding=value)):
+        if not surface.cache_store(cache, key.hash, value):
             return None  # not expected (room was made); the step keeps its reference
         return evicted
 
     @staticmethod
     def _victims(cache: Any, size: int, protected: set[int]) -> list[int] | None:
-        """Least recently used unprotected hashes whose room makes ``size`` fit."""
-        if size > cache.max_size:
-            return None
-        need = cache.current_size + size - cache.max_size
-        victims: list[int] = []
-        for hash_, entry in cache.mm_cache.items():
-            if need <= 0:
-                break
-            if hash_ in protected:
-                continue
-            victims.append(hash_)
-            need -= _size(entry.embedding)
-        return victims if need <= 0 else None
+        """Least recently used unprotected hashes whose room makes ``size`` fit: the core's
+        :meth:`LruTier.make_room` over a snapshot of SGLang's order and accounting (the
+        snapshot's pops are discarded; SGLang frees the victims itself)."""
+        snapshot: LruTier[int, Any] = LruTier(surface.cache_capacity(cache), surface.entry_bytes)
+        snapshot.entries = OrderedDict(surface.cache_entries(cache))
+        snapshot.used = surface.cache_used(cache)
+        evicted = snapshot.make_room(size, protected)
+        return None if evicted is None else [hash_ for hash_, _ in evicted]
 
     def clear(self) -> None:
-        cache = _sglang_cache()
+        cache = surface.embedding_cache()
         if cache is not None:
-            cache.clear()
+            surface.cache_clear(cache)
