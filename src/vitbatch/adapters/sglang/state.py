@@ -11,10 +11,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from vitbatch.adapters.sglang import surface
 from vitbatch.adapters.sglang.cache import SGLangDeviceTier
 from vitbatch.adapters.sglang.settings import Settings
-from vitbatch.core import EmbeddingCache, VitBatcher
+from vitbatch.core import EmbeddingCache, HostReferenceOffload, VitBatcher
 from vitbatch.core.agreement import group_agree
 from vitbatch.metrics import export_batcher
 
@@ -31,10 +33,12 @@ class AdapterState:
             device_tier=SGLangDeviceTier(), host_capacity_bytes=settings.host_cache_mb * MB
         )
         self.settings = settings
+        self.offload = HostReferenceOffload()  # features moved to the device keep their host copy
         self.batcher = VitBatcher(
             settings.budget(),
             cache,
             check_finite=settings.check_finite,
+            offload=self.offload,
             agree=group_agree(group) if (group := _agree_group()) is not None else None,
         )
         self._logged: set[str] = set()
@@ -59,7 +63,7 @@ class AdapterState:
             self._model_seen = True
             width = _expected_hidden_size(data_embedding_func)
             if width is not None:
-                self.batcher.set_hidden_size(width)
+                self.batcher.set_hidden_size(width, _expected_dtype(data_embedding_func))
 
     def log_once(self, key: str, message: str, *args: Any, exc_info: bool = False) -> None:
         if key in self._logged:
@@ -78,6 +82,20 @@ def _expected_hidden_size(data_embedding_func: Callable) -> int | None:
         width = getattr(candidate, "hidden_size", None)
         if isinstance(width, int) and width > 0:
             return width
+    return None
+
+
+def _expected_dtype(data_embedding_func: Callable) -> torch.dtype | None:
+    """The dtype SGLang's own encoder outputs have: its vision tower's parameters'; ``None``
+    when the model has no tower to read (the core then adopts the first output's)."""
+    owner = getattr(data_embedding_func, "__self__", data_embedding_func)
+    for name in ("visual", "vision_tower", "vision_model"):
+        tower = getattr(owner, name, None)
+        parameters = getattr(tower, "parameters", None)
+        if callable(parameters):
+            first = next(iter(parameters()), None)
+            if isinstance(first, torch.Tensor) and first.is_floating_point():
+                return first.dtype
     return None
 
 

@@ -201,7 +201,7 @@ def _engine_encoder(
             for engine_item in engine_items:
                 feature = engine_item.feature
                 if isinstance(feature, torch.Tensor) and feature.device != device:
-                    engine_item.feature = state.batcher.offload.to_device(feature, device)
+                    engine_item.feature = state.offload.to_device(feature, device)
                     moved.append(engine_item)
         output = data_embedding_func(engine_items)
         if isinstance(output, list):
@@ -232,7 +232,7 @@ def _release_features(state: AdapterState, moved: Sequence[MultimodalDataItem]) 
     """Hand the host tensors back now: SGLang's post-forward copy-back then finds
     host features and copies nothing. Safe without a sync: the device copies
     were only used on the current stream, which orders their reuse."""
-    offload = state.batcher.offload
+    offload = state.offload
     for engine_item in moved:
         feature = engine_item.feature
         if isinstance(feature, torch.Tensor) and offload.host_reference(feature) is not None:
