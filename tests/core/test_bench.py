@@ -77,7 +77,7 @@ def test_info_command_runs() -> None:
 def test_mode_comparison_detects_a_wrong_row() -> None:
     import torch
 
-    from vitbatch.bench.runner import max_difference
+    from vitbatch.bench.common import max_difference
 
     a = [torch.randn(5, 4), None]
     b = [a[0].clone(), None]
