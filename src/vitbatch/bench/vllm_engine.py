@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from vitbatch.bench.vllm_child import ENGINES, ChildConfig, v2_runner_takes_ec_connector
-from vitbatch.bench.vllm_report import compare, format_rows
+from vitbatch.bench.vllm_report import compare, format_rows, protocol_line, write_json
 from vitbatch.bench.vllm_workloads import WORKLOADS
 
 RUNNERS = ("v2", "v1")
@@ -85,7 +85,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="default: 16384, capped at the generated shape's positions; a --model's own",
     )
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    parser.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="default 0.85 on CUDA; 0.25 without (vLLM's CPU backend reserves that share "
+        "of host memory for its KV cache)",
+    )
     parser.add_argument(
         "--max-patches",
         type=int,
@@ -154,7 +160,7 @@ def configurations(args: argparse.Namespace, model: str, dummy: bool) -> list[li
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 max_num_seqs=args.max_num_seqs,
                 max_model_len=max_len,
-                gpu_memory_utilization=args.gpu_memory_utilization,
+                gpu_memory_utilization=memory_share(args),
                 prefix_caching=args.prefix_caching,
                 graphs=graphs == "on",
                 graph_budgets=tuple(args.graph_budgets),
@@ -165,6 +171,14 @@ def configurations(args: argparse.Namespace, model: str, dummy: bool) -> list[li
                 group.append(replace(base, label=f"{runner}/graphs-{graphs}/{mode}", **extra))
             groups.append(group)
     return groups
+
+
+def memory_share(args: argparse.Namespace) -> float:
+    if args.gpu_memory_utilization is not None:
+        return args.gpu_memory_utilization
+    import torch
+
+    return 0.85 if torch.cuda.is_available() else 0.25
 
 
 def variants(args: argparse.Namespace, runner: str) -> list[tuple[str, dict[str, Any]]]:
@@ -283,7 +297,8 @@ def run(args: argparse.Namespace) -> int:
                         str(error)[:200] + " ... " + str(error)[-3000:], file=sys.stderr, flush=True
                     )
                     done[config.label] = {"error": str(error)}
-            rounds.append({"round": index + 1, "order": [c.label for c in order], "results": done})
+            ran = [c.label for c in order if c.label not in refused]
+            rounds.append({"round": index + 1, "order": ran, "results": done})
             complete = index + 1 == args.rounds
             write_json(args, groups, rounds, refused, complete=complete, started=started)
     rows = compare(rounds, groups)
@@ -291,59 +306,3 @@ def run(args: argparse.Namespace) -> int:
     print(protocol_line(args, groups, rounds, refused, started))
     failed = [label for r in rounds for label, out in r["results"].items() if "error" in out]
     return 0 if not failed and all(row.get("mismatches", 0) == 0 for row in rows) else 1
-
-
-def protocol_line(args, groups, rounds, refused: set[str], started: float) -> str:
-    skipped = [
-        r
-        for r in args.runners
-        if "eccpu" in args.modes
-        and not any(
-            c.engine == "eccpu" and c.label not in refused
-            for g in groups
-            for c in g
-            if c.runner == r
-        )
-    ]
-    note = (
-        f"; eccpu not run on {', '.join(skipped).upper()} (no EC connector in this vLLM's runner)"
-        if skipped
-        else ""
-    )
-    return (
-        f"{len(rounds)} round(s), engines alternating, order rotated each round; "
-        f"prefix caching {'on' if args.prefix_caching else 'OFF'}; median (min–max) over rounds; "
-        f"'same' = ranges overlap{note}; {time.perf_counter() - started:.0f} s in all"
-    )
-
-
-def write_json(args, groups, rounds, refused: set[str], complete: bool, started: float) -> None:
-    if not args.json:
-        return
-    import torch
-
-    from vitbatch.bench.common import DTYPES, run_environment
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = args.model or f"Qwen2.5-VL-{args.shape}-shaped, dummy weights"
-    header = {**run_environment(model, device, DTYPES[args.dtype]), "argv": sys.argv}
-    versions = {out.get("vllm") for r in rounds for out in r["results"].values()} - {None}
-    header["vllm"] = versions.pop() if len(versions) == 1 else sorted(versions)
-    protocol = {
-        "rounds": args.rounds,
-        "rounds_done": len(rounds),
-        "passes": args.passes,
-        "prefix_caching": args.prefix_caching,
-        "configurations": [c.label for g in groups for c in g if c.label not in refused],
-        "runner_takes_no_ec_connector": sorted(refused),
-        "wall_seconds": time.perf_counter() - started,
-    }
-    rows = compare(rounds, groups)
-    payload = {
-        "run": header,
-        "protocol": protocol,
-        "complete": complete,
-        "rows": rows,
-        "rounds": rounds,
-    }
-    args.json.write_text(json.dumps(payload, indent=1))

@@ -9,6 +9,9 @@ with its range in ``row["range"]``; ``row["rounds"]`` keeps every round.
 
 from __future__ import annotations
 
+import json
+import sys
+import time
 from typing import Any
 
 from vitbatch.bench.common import Spread, percentile, token_mismatches, verdict
@@ -132,3 +135,61 @@ def format_rows(rows: list[dict]) -> str:
     if any(row["graphs"] == "on" for row in rows):
         columns.insert(1, Column("enc. graphs", "graphs"))
     return format_table(shown, columns)
+
+
+def protocol_line(args, groups, rounds, refused: set[str], started: float) -> str:
+    """The line under the table: how the figures were made."""
+    skipped = [
+        r
+        for r in args.runners
+        if "eccpu" in args.modes
+        and not any(
+            c.engine == "eccpu" and c.label not in refused
+            for g in groups
+            for c in g
+            if c.runner == r
+        )
+    ]
+    note = (
+        f"; eccpu not run on {', '.join(skipped).upper()} (no EC connector in this vLLM's runner)"
+        if skipped
+        else ""
+    )
+    return (
+        f"{len(rounds)} round(s), engines alternating, order rotated each round; "
+        f"prefix caching {'on' if args.prefix_caching else 'OFF'}; median (min–max) over rounds; "
+        f"'same' = ranges overlap{note}; {time.perf_counter() - started:.0f} s in all"
+    )
+
+
+def write_json(args, groups, rounds, refused: set[str], complete: bool, started: float) -> None:
+    """The JSON: where it ran, the protocol, the rows, and every round as measured."""
+    if not args.json:
+        return
+    import torch
+
+    from vitbatch.bench.common import DTYPES, run_environment
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = args.model or f"Qwen2.5-VL-{args.shape}-shaped, dummy weights"
+    header = {**run_environment(model, device, DTYPES[args.dtype]), "argv": sys.argv}
+    versions = {out.get("vllm") for r in rounds for out in r["results"].values()} - {None}
+    header["vllm"] = versions.pop() if len(versions) == 1 else sorted(versions)
+    protocol = {
+        "rounds": args.rounds,
+        "rounds_done": len(rounds),
+        "passes": args.passes,
+        "prefix_caching": args.prefix_caching,
+        "configurations": [c.label for g in groups for c in g if c.label not in refused],
+        "runner_takes_no_ec_connector": sorted(refused),
+        "wall_seconds": time.perf_counter() - started,
+    }
+    rows = compare(rounds, groups)
+    payload = {
+        "run": header,
+        "protocol": protocol,
+        "complete": complete,
+        "rows": rows,
+        "rounds": rounds,
+    }
+    args.json.write_text(json.dumps(payload, indent=1))
