@@ -23,7 +23,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     vllm_parser = commands.add_parser(
         "bench-vllm",
-        help="vLLM end to end with and without vitbatch (needs vllm; both model runners)",
+        help="vLLM end to end: native, vitbatch and vLLM + ECCPUConnector in alternating "
+        "rounds (needs vllm; both model runners)",
     )
     vllm_engine.add_arguments(vllm_parser)
     from vitbatch.bench import agree_cost

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -77,7 +79,7 @@ def test_info_command_runs() -> None:
 def test_mode_comparison_detects_a_wrong_row() -> None:
     import torch
 
-    from vitbatch.bench.runner import max_difference
+    from vitbatch.bench.common import max_difference
 
     a = [torch.randn(5, 4), None]
     b = [a[0].clone(), None]
@@ -99,3 +101,69 @@ def test_offload_report_rejects_a_release_that_is_not_the_host_feature() -> None
     _check_host_references(features, features)
     with pytest.raises(RuntimeError, match="feature 1: release returned neither"):
         _check_host_references([features[0], features[1].clone()], features)
+
+
+BENCH = Path(__file__).resolve().parents[2] / "src" / "vitbatch" / "bench"
+ENGINE_TOUCH = {
+    "sglang_engine.py": {"sglang_names"},
+    "vllm_child.py": {"vllm_names", "v2_runner_takes_ec_connector"},
+}
+
+
+def bench_imports(path: Path) -> list[tuple[str, str | None]]:
+    """(module imported, enclosing top-level function or None) for every import."""
+    found = []
+    for top in ast.parse(path.read_text()).body:
+        owner = top.name if isinstance(top, ast.FunctionDef | ast.ClassDef) else None
+        for node in ast.walk(top):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                found.append((node.module, owner))
+            elif isinstance(node, ast.Import):
+                found.extend((alias.name, owner) for alias in node.names)
+    return found
+
+
+def test_bench_touches_each_engine_in_one_marked_function() -> None:
+    """vLLM, SGLang and their vitbatch adapters are imported by the bench only inside
+    ``sglang_engine.sglang_names`` and ``vllm_child.vllm_names`` (to become surface
+    accessors)."""
+    for path in sorted(BENCH.glob("*.py")):
+        for module, owner in bench_imports(path):
+            if module.startswith(("vllm", "sglang", "vitbatch.adapters")):
+                assert owner in ENGINE_TOUCH.get(path.name, ()), (path.name, module, owner)
+
+
+def test_bench_modules_import_no_circle() -> None:
+    graph = {
+        path.stem: {
+            module.rsplit(".", 1)[-1]
+            for module, _ in bench_imports(path)
+            if module.startswith("vitbatch.bench.")
+        }
+        | {
+            alias.name
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ImportFrom) and node.module == "vitbatch.bench"
+            for alias in node.names
+        }
+        for path in BENCH.glob("*.py")
+    }
+
+    def reach(start: str, node: str, seen: set[str]) -> bool:
+        for nxt in graph.get(node, ()):
+            if nxt == start or (nxt not in seen and reach(start, nxt, seen | {nxt})):
+                return True
+        return False
+
+    assert [name for name in graph if reach(name, name, {name})] == []
+
+
+def test_spread_names_a_ratio_only_when_ranges_part() -> None:
+    from vitbatch.bench.common import Spread, verdict
+
+    native = Spread.of([10.0, 11.0, 9.0])
+    assert (native.median, native.low, native.high) == (10.0, 9.0, 11.0)
+    assert verdict(Spread.of([10.5, 12.0, 11.5]), native) == "same"
+    assert verdict(Spread.of([11.5, 12.0, 13.0]), native) == "faster"
+    assert verdict(Spread.of([5.0, 6.0, 8.9]), native) == "slower"
+    assert native.format() == "10.00 (9.00–11.00)"

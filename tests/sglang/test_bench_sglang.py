@@ -17,7 +17,7 @@ import pytest
 mm_utils = pytest.importorskip("sglang.srt.managers.mm_utils")
 
 from vitbatch.bench import sgl_kernel_standin  # noqa: E402 - after the importorskip
-from vitbatch.bench.sglang_engine import engine_workload  # noqa: E402 - after the importorskip
+from vitbatch.bench.sglang_workload import engine_workload  # noqa: E402 - after the importorskip
 from vitbatch.bench.workload import WORKLOADS  # noqa: E402 - after the importorskip
 
 ROOT = Path(__file__).resolve().parents[2]

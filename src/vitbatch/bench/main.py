@@ -4,21 +4,35 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from vitbatch.bench.report import format_table, write_plot
-from vitbatch.bench.runner import MODES, max_difference, run_modes
+from vitbatch.bench.common import (
+    DTYPES,
+    TOLERANCE,
+    device_and_dtype,
+    device_name,
+    max_difference,
+    run_environment,
+)
+from vitbatch.bench.report import GIB, Column, format_table, ratio_to, write_plot
+from vitbatch.bench.runner import MODES, run_modes
 from vitbatch.bench.workload import WORKLOADS, chunked_steps, draw_requests
 from vitbatch.core import Budget
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
-"""Relative Frobenius error allowed between modes (see ``max_difference``)."""
+COLUMNS = (
+    Column("mode", "mode"),
+    Column("images/s", "images_per_second", ".1f"),
+    Column("TFLOP/s", "tflops", lambda t: f"{t:.1f}" if t >= 1 else f"{t:.3f}"),
+    Column("encoder calls", "encoder_calls", "d"),
+    Column("peak GiB", "peak_bytes", lambda b: f"{b / GIB:.2f}"),
+    Column("speedup", "speedup", lambda x: f"{x:.2f}x"),
+    Column("plan+assemble ms", "host_ms", ".1f"),
+    Column("idle host %", "host_share", lambda x: f"{x * 100:.2f}"),
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,26 +84,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
-    """``--device`` and ``--dtype`` (float32 on CPU, bfloat16 on CUDA unless given)."""
-    device = torch.device(args.device)
-    if args.dtype:
-        return device, DTYPES[args.dtype]
-    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def run_environment(encoder: str, device: torch.device, dtype: torch.dtype) -> dict[str, object]:
-    """What a result JSON records about where it ran (every bench command)."""
-    return {
-        "encoder": encoder,
-        "device": _device_name(device),
-        "dtype": str(dtype),
-        "torch": torch.__version__,
-        "cuda_driver": _driver_version() if device.type == "cuda" else None,
-        "python": platform.python_version(),
-    }
-
-
 def _progress(total: int, disabled: bool):
     try:
         from tqdm import tqdm
@@ -102,9 +96,9 @@ def run(args: argparse.Namespace) -> int:
     from vitbatch.encoders.qwen_vision import build_encoder
 
     if args.engine == "sglang":
-        from vitbatch.bench import sglang_engine
+        from vitbatch.bench import sglang_bench
 
-        return sglang_engine.run(args)
+        return sglang_bench.run(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = device_and_dtype(args)
@@ -180,12 +174,15 @@ def run_workload(
         f"workload {name}: {spec.requests} requests, {len(steps)} step(s), "
         f"{sum(len(r.images) for r in requests)} images; "
         f"encoder {args.encoder} {str(dtype).removeprefix('torch.')} "
-        f"on {_device_name(device)}; "
+        f"on {device_name(device)}; "
         f"vitbatch budget {budget.max_cost} patches / {budget.max_items} items"
     )
-    print(
-        format_table(results, baseline="per-request" if "per-request" in args.modes else reference)
-    )
+    rows = [r.as_dict() for r in results]
+    for row in rows:
+        row["host_ms"] = (row["plan_seconds"] + row["assemble_seconds"]) * 1e3
+    baseline = "per-request" if "per-request" in args.modes else reference
+    ratio_to(rows, "images_per_second", baseline, into="speedup")
+    print(format_table(rows, COLUMNS))
     if "unbounded" in args.modes:
         print("(unbounded: vitbatch's core with no budget, not SGLang's code; see --engine sglang)")
     print(
@@ -220,20 +217,6 @@ def run_workload(
     }
 
 
-def _driver_version() -> str | None:
-    import subprocess
-
-    try:
-        done = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-        )
-    except OSError:
-        return None
-    return done.stdout.strip() or None
-
-
 def _workload_flops(model: torch.nn.Module, requests: Sequence) -> float | None:
     """FLOPs of encoding each distinct image once, if the encoder can count them."""
     count = getattr(model, "flops", None)
@@ -241,9 +224,3 @@ def _workload_flops(model: torch.nn.Module, requests: Sequence) -> float | None:
         return None
     distinct = {image.hash: image.grid for request in requests for image in request.images}
     return float(count(list(distinct.values())))
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"

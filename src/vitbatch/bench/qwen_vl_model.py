@@ -205,10 +205,25 @@ def build_model_dir(path: str | Path, shape: str = "7b", max_pixels: int = 1280 
     return path
 
 
-def prompt(num_images: int, words: str = "describe the images") -> str:
-    """A raw Qwen2.5-VL chat prompt with ``num_images`` image placeholders."""
+def prompt(
+    num_images: int,
+    words: str = "describe the images",
+    system: str = "",
+    follow_ups: tuple[str, ...] = (),
+    answer: str = "the images",
+) -> str:
+    """A raw Qwen2.5-VL chat prompt with ``num_images`` image placeholders.
+
+    :param system: a system turn before the user's (another prefix for the same images).
+    :param follow_ups: later user turns of the same conversation, each after the
+        assistant's ``answer``: the first turn's prompt is then a prefix of this one.
+    """
     vision = "<|vision_start|><|image_pad|><|vision_end|>" * num_images
-    return f"<|im_start|>user {vision} {words}<|im_end|> <|im_start|>assistant "
+    text = f"<|im_start|>system {system}<|im_end|> " if system else ""
+    text += f"<|im_start|>user {vision} {words}<|im_end|> <|im_start|>assistant "
+    for turn in follow_ups:
+        text += f"{answer}<|im_end|> <|im_start|>user {turn}<|im_end|> <|im_start|>assistant "
+    return text
 
 
 if __name__ == "__main__":  # e.g. for `vllm serve DIR --load-format dummy` (scripts/)

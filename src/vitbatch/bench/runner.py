@@ -16,55 +16,53 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 
 import torch
 
 from vitbatch.bench.encoder_plugin import EmbeddedEncoder
 from vitbatch.bench.memory import read_peak, reset_peak
+from vitbatch.bench.report import Result
 from vitbatch.core import Budget, EmbeddingCache, RequestChunk, StepStats, VitBatcher
 from vitbatch.plugin import make_plugin_manager
 
 MODES = ("per-request", "unbounded", "vitbatch")
 
 
-@dataclass
-class ModeResult:
-    mode: str
-    images: int
-    seconds: float
-    encoder_calls: int
-    peak_bytes: int | None
-    encoded_tokens: int
-    plan_seconds: float
-    assemble_seconds: float
-    # Planning + assembly of the same steps replayed on a warm cache with the
-    # device idle: the host cost alone. In a timed pass the assembly's kernel
-    # launches can wait for room in a launch queue the encoder calls filled, so
-    # ``assemble_seconds`` there is host wall time, not host work.
-    idle_host_seconds: float = 0.0
-    flops: float | None = None
-    tokens_per_call: list[int] = field(default_factory=list)
+def core_result(
+    mode: str,
+    images: int,
+    seconds: float,
+    totals: StepStats,
+    peak: int | None,
+    idle_host_seconds: float,
+    flops: float | None,
+) -> Result:
+    """A :class:`~vitbatch.bench.report.Result` of the core bench: its own figures are the
+    planner's and assembly's host time, the tokens encoded, and TFLOP/s.
 
-    @property
-    def images_per_second(self) -> float:
-        return self.images / self.seconds if self.seconds > 0 else float("inf")
-
-    @property
-    def host_share(self) -> float:
-        """Planning + assembly host time (device idle) as a fraction of the step time."""
-        return self.idle_host_seconds / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def tflops(self) -> float | None:
-        return None if self.flops is None or self.seconds <= 0 else self.flops / self.seconds / 1e12
-
-    def as_dict(self) -> dict:
-        out = asdict(self)
-        out.update(
-            images_per_second=self.images_per_second, tflops=self.tflops, host_share=self.host_share
-        )
-        return out
+    ``idle_host_seconds``: planning + assembly of the same steps replayed on a warm
+    cache with the device idle, the host cost alone. In a timed pass the assembly's
+    kernel launches can wait for room in a launch queue the encoder calls filled, so
+    ``assemble_seconds`` there is host wall time, not host work.
+    """
+    return Result(
+        mode=mode,
+        images=images,
+        seconds=seconds,
+        encoder_calls=totals.encoder_calls,
+        peak_bytes=peak,
+        extra={
+            "encoded_tokens": sum(totals.tokens_per_call),
+            "plan_seconds": totals.plan_seconds,
+            "assemble_seconds": totals.assemble_seconds,
+            "idle_host_seconds": idle_host_seconds,
+            "flops": flops,
+            "tokens_per_call": totals.tokens_per_call,
+            "tflops": None if flops is None or seconds <= 0 else flops / seconds / 1e12,
+            # planning + assembly host time (device idle) as a fraction of the step time
+            "host_share": idle_host_seconds / seconds if seconds > 0 else 0.0,
+        },
+    )
 
 
 def _run_steps(
@@ -99,7 +97,7 @@ def run_modes(
     on_step: Callable[[], None] = lambda: None,
     flops: float | None = None,
     repeat: int = 1,
-) -> tuple[list[ModeResult], dict[str, list[torch.Tensor | None]]]:
+) -> tuple[list[Result], dict[str, list[torch.Tensor | None]]]:
     """Time every mode over ``steps``; returns the results and each mode's outputs.
 
     The timed passes are interleaved (pass 1 of every mode, then pass 2 ...) and
@@ -158,21 +156,7 @@ def run_modes(
     results = []
     for mode in modes:
         seconds, totals, peak = best[mode]
-        results.append(
-            ModeResult(
-                mode=mode,
-                images=images,
-                seconds=seconds,
-                encoder_calls=totals.encoder_calls,
-                peak_bytes=peak,
-                encoded_tokens=sum(totals.tokens_per_call),
-                plan_seconds=totals.plan_seconds,
-                assemble_seconds=totals.assemble_seconds,
-                idle_host_seconds=idle[mode],
-                tokens_per_call=totals.tokens_per_call,
-                flops=flops,
-            )
-        )
+        results.append(core_result(mode, images, seconds, totals, peak, idle[mode], flops))
     return results, outputs
 
 
@@ -192,26 +176,3 @@ def _idle_host_seconds(
             f"{mode}: {replay.misses} cache misses in the warm replay; the cache is too small"
         )
     return replay.plan_seconds + replay.assemble_seconds
-
-
-def max_difference(
-    reference: Sequence[torch.Tensor | None], other: Sequence[torch.Tensor | None]
-) -> float:
-    """Worst relative difference ``||a - b|| / ||a||`` over the steps of two modes.
-
-    Relative, because a 32-block random ViT in bf16 has outputs of arbitrary
-    scale and matmul kernels legitimately round differently for other batch
-    shapes; inf on a shape mismatch or a missing output.
-    """
-    worst = 0.0
-    for a, b in zip(reference, other, strict=True):
-        if a is None or b is None:
-            if a is not b:
-                return float("inf")
-            continue
-        if a.shape != b.shape:
-            return float("inf")
-        scale = a.double().norm().item()
-        difference = (a.double() - b.double()).norm().item()
-        worst = max(worst, difference / scale if scale > 0 else difference)
-    return worst

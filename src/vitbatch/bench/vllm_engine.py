@@ -1,36 +1,29 @@
-"""``vitbatch bench-vllm``: vLLM end to end, with and without vitbatch, on both model runners.
+"""``vitbatch bench-vllm``: an A/B of vLLM end to end with and without vitbatch that shows
+its spread.
 
-Each configuration (model runner x encoder CUDA graphs x native/vitbatch) runs
-in its own child process: one fresh vLLM engine (``LLM``, in-process engine core
-so the counters are readable), which then runs every workload:
+Engines compared, per model runner (and encoder-graph setting):
 
-* ``mixed`` - 64 requests, 1-4 images each, 224-1120 px sides;
-* ``video`` - 32 requests of 8 frames each (images), a quarter of each
-  request's frames shared with the other requests;
-* ``resend`` - multi-turn: 48 first turns with 2 images each, then 32 filler
-  requests whose images push the first turns' embeddings out of vLLM's encoder
-  cache (its size follows ``--max-num-batched-tokens``); then, timed, 48 later
-  turns sending the same images again (other text). vLLM re-encodes them;
-  vitbatch restores them from its host tier. Only the later turns are timed:
-  they are what the host tier changes.
+* ``native`` - vLLM as installed;
+* ``vitbatch`` - the same with ``additional_config={"vitbatch": {...}}`` (one per
+  ``--max-patches`` value);
+* ``eccpu`` - vLLM with its own CPU encoder cache, ``ECCPUConnector``
+  (``ec_role: ec_both``), on the runners that take an EC connector: probed from
+  the installed vLLM (its V2 runner gained one after 0.26; on V1 it always runs).
 
-Each workload is a list of phases (one ``LLM.generate`` call each); the last
-phase is the timed one. Per workload: one warm-up pass, then ``--passes`` timed
-passes (``max_tokens=1``: prefill throughput), each with images of a fresh seed,
-then one equality pass (``max_tokens=8``, greedy) whose token ids are compared
-between native and vitbatch. Figures: prefill requests/s and images/s, TTFT
-p50/p99 (vLLM's own per-request ``first_token_latency``), encoder calls (calls
-of the model's ``embed_multimodal``, in both modes), peak GPU memory above the
-engine's steady allocation, and vitbatch's host-tier restores.
+They run in **alternation**, each configuration in a fresh process
+(:mod:`vitbatch.bench.vllm_child`), for ``--rounds`` rounds; the order rotates
+each round so no engine always runs first or last. Every figure is the median
+and min–max over rounds (each round's figure: its fastest timed pass); a ratio
+to native is called "faster" / "slower" only when the two engines' ranges of
+requests/s do not overlap, else "same". The JSON keeps every round (written
+after each, so a run stopped at a time limit keeps what it measured), and greedy
+token ids of every configuration are compared with native's of the same round.
 
-``--max-patches`` takes several values (0: no limit beyond vLLM's own encoder
-budget per step): each is one vitbatch configuration, compared with the same
-native run.
-
-Prefix caching is off in every configuration, so a re-sent image reaches the
-encoder path in both modes. With ``--model`` the script runs a real checkpoint;
-by default it writes a Qwen2.5-VL-7B-shaped directory without weights and runs it
-with ``load_format="dummy"`` (seeded random weights, no download).
+Prefix caching is on, as in vLLM by default, in every configuration;
+``--no-prefix-caching`` runs the older comparison with it off. Workloads:
+:mod:`vitbatch.bench.vllm_workloads`. With ``--model`` the bench runs a real
+checkpoint; by default it writes a Qwen2.5-VL-shaped directory without weights
+(``--shape``) and runs it with ``load_format="dummy"``.
 """
 
 from __future__ import annotations
@@ -38,253 +31,44 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-WORKLOADS = ("mixed", "video", "resend")
+from vitbatch.bench.vllm_child import ENGINES, ChildConfig, v2_runner_takes_ec_connector
+from vitbatch.bench.vllm_report import compare, format_rows, protocol_line, write_json
+from vitbatch.bench.vllm_workloads import WORKLOADS
+
 RUNNERS = ("v2", "v1")
-MODES = ("native", "vitbatch")
-
-
-# ---------------------------------------------------------------------------
-# Workloads: lists of (prompt text, images), deterministic per seed
-# ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Request:
-    images: tuple[tuple[int, int, int], ...]  # (width, height, content seed)
-    words: str = "describe the images"
-
-
-def _side(rng, low: int, high: int) -> int:
-    return int(rng.integers(low // 28, high // 28 + 1)) * 28
-
-
-def workload(name: str, seed: int, scale: float = 1.0) -> list[list[Request]]:
-    """The phases of one pass (the last is timed); image contents are unique to ``seed``."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    base = seed * 1_000_000
-    n = max(2, round(64 * scale))
-    if name == "mixed":
-        return [
-            [
-                Request(
-                    tuple(
-                        (_side(rng, 224, 1120), _side(rng, 224, 1120), base + 10 * r + i)
-                        for i in range(int(rng.integers(1, 5)))
-                    )
-                )
-                for r in range(n)
-            ]
-        ]
-    if name == "video":
-        shared = [(448, 448, base + 900_000 + i) for i in range(2)]  # a quarter of 8 frames
-        return [
-            [
-                Request(
-                    tuple(shared + [(448, 448, base + 8 * r + i) for i in range(6)]),
-                    "describe the frames",
-                )
-                for r in range(max(2, n // 2))
-            ]
-        ]
-    if name == "resend":
-        first = [
-            Request(tuple((672, 672, base + 2 * r + i) for i in range(2)))
-            for r in range(max(2, n * 3 // 4))
-        ]
-        fillers = [
-            Request(((896, 896, base + 500_000 + r),), "describe the images")
-            for r in range(max(2, n // 2))
-        ]
-        later = [Request(req.images, "compare the images turn") for req in first]
-        return [first + fillers, later]
-    raise ValueError(f"unknown workload {name!r}; expected one of {WORKLOADS}")
-
-
-def _image(width: int, height: int, content: int):
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(content)
-    return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
-
-
-# ---------------------------------------------------------------------------
-# Child: one engine, every workload
-# ---------------------------------------------------------------------------
-
-
-def _count_encoder_calls() -> dict[str, int]:
-    """Count ``embed_multimodal`` calls of every vLLM model class (in-process engine core)."""
-    from vllm.model_executor.models import qwen2_5_vl
-
-    counter = {"calls": 0}
-    cls = qwen2_5_vl.Qwen2_5_VLForConditionalGeneration
-    original = cls.embed_multimodal
-
-    def counted(self, *args, **kwargs):
-        counter["calls"] += 1
-        return original(self, *args, **kwargs)
-
-    cls.embed_multimodal = counted
-    return counter
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def child(config: dict[str, Any]) -> dict[str, Any]:
-    import torch
-    from vllm import LLM, SamplingParams
-
-    from vitbatch.bench.qwen_vl_model import prompt
-
-    calls = _count_encoder_calls()
-    kwargs: dict[str, Any] = {}
-    if config["vitbatch"]:
-        kwargs["additional_config"] = {"vitbatch": config["options"]}
-    if config["graphs"]:
-        kwargs["compilation_config"] = {
-            "cudagraph_mm_encoder": True,
-            "encoder_cudagraph_token_budgets": config["graph_budgets"],
-            "cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64],
-        }
-    else:
-        kwargs["enforce_eager"] = True
-    if config["dummy"]:
-        kwargs["load_format"] = "dummy"
-    started = time.perf_counter()
-    llm = LLM(
-        model=config["model"],
-        dtype=config["dtype"],
-        seed=0,
-        max_model_len=config["max_model_len"],
-        max_num_seqs=config["max_num_seqs"],
-        max_num_batched_tokens=config["max_num_batched_tokens"],
-        limit_mm_per_prompt={"image": 8, "video": 0},
-        enable_prefix_caching=False,
-        disable_log_stats=False,
-        gpu_memory_utilization=config["gpu_memory_utilization"],
-        **kwargs,
-    )
-    startup = time.perf_counter() - started
-    cuda = torch.cuda.is_available()
-    results: dict[str, Any] = {"startup_seconds": startup, "workloads": {}}
-
-    def phases_for(name: str, seed: int) -> list[list[dict]]:
-        return [
-            [
-                {
-                    "prompt": prompt(len(r.images), r.words),
-                    "multi_modal_data": {"image": [_image(*image) for image in r.images]},
-                }
-                for r in phase
-            ]
-            for phase in workload(name, seed, config["scale"])
-        ]
-
-    def stats() -> dict[str, Any]:
-        if not config["vitbatch"]:
-            return {}
-        from vitbatch.adapters.vllm import stats as vitbatch_stats
-
-        return vitbatch_stats()
-
-    profiler = None
-    if config.get("profile"):  # the timed passes only (engine core runs in this process)
-        import cProfile
-
-        profiler = cProfile.Profile()
-    prefill = SamplingParams(temperature=0.0, max_tokens=1)
-    for name in config["workloads"]:
-        for phase in phases_for(name, 1):  # warm-up
-            llm.generate(phase, prefill, use_tqdm=False)
-        passes = []
-        for p in range(config["passes"]):
-            *untimed, prompts = phases_for(name, 2 + p)
-            for phase in untimed:
-                llm.generate(phase, prefill, use_tqdm=False)
-            before_calls, before = calls["calls"], stats()
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base_memory = torch.cuda.memory_allocated()
-            t0 = time.perf_counter()
-            if profiler is not None:
-                profiler.enable()
-            outputs = llm.generate(prompts, prefill, use_tqdm=False)
-            if profiler is not None:
-                profiler.disable()
-            seconds = time.perf_counter() - t0
-            ttft = [
-                out.metrics.first_token_latency
-                for out in outputs
-                if getattr(out, "metrics", None) is not None
-                and getattr(out.metrics, "first_token_latency", 0)
-            ]
-            after = stats()
-            passes.append(
-                {
-                    "seconds": seconds,
-                    "requests": len(prompts),
-                    "images": sum(len(p["multi_modal_data"]["image"]) for p in prompts),
-                    "ttft": ttft,
-                    "encoder_calls": calls["calls"] - before_calls,
-                    "peak_extra_bytes": (torch.cuda.max_memory_allocated() - base_memory)
-                    if cuda
-                    else None,
-                    "host_restores": (
-                        after["scheduler"]["host_restores"] - before["scheduler"]["host_restores"]
-                        if after
-                        else 0
-                    ),
-                }
-            )
-        greedy = SamplingParams(temperature=0.0, max_tokens=8)
-        token_ids = [
-            list(out.outputs[0].token_ids)
-            for phase in phases_for(name, 2 + config["passes"])
-            for out in llm.generate(phase, greedy, use_tqdm=False)
-        ]
-        results["workloads"][name] = {"passes": passes, "token_ids": token_ids}
-    results["vitbatch_stats"] = stats()
-    if profiler is not None:
-        import io
-        import pstats
-
-        text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
-        results["profile_tottime"] = text.getvalue()
-        text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(50)
-        results["profile_cumulative"] = text.getvalue()
-    return results
-
-
-# ---------------------------------------------------------------------------
-# Parent: configurations, table, JSON
-# ---------------------------------------------------------------------------
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="model dir or id (default: 7B-shaped, dummy)")
+    parser.add_argument("--model", default=None, help="model dir or id (default: generated, dummy)")
     parser.add_argument("--shape", default="7b", choices=("7b", "tiny"), help="generated model")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     parser.add_argument("--runners", nargs="+", default=list(RUNNERS), choices=RUNNERS)
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=list(ENGINES),
+        choices=ENGINES,
+        help="engines to compare (eccpu: vLLM + ECCPUConnector, where the runner takes it)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating rounds, a fresh process each"
+    )
+    parser.add_argument("--passes", type=int, default=1, help="timed passes per workload and round")
+    parser.add_argument("--scale", type=float, default=1.0, help="requests x this")
+    parser.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="the older comparison: vLLM's prefix caching off in every configuration",
+    )
     parser.add_argument(
         "--encoder-graphs",
         nargs="+",
@@ -292,14 +76,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("off", "on"),
         help="vLLM's encoder CUDA graphs (V1 runner in vLLM 0.26)",
     )
-    parser.add_argument("--modes", nargs="+", default=["native", "vitbatch"], choices=MODES)
-    parser.add_argument("--passes", type=int, default=2, help="timed passes per workload")
-    parser.add_argument("--scale", type=float, default=1.0, help="requests x this")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--max-num-seqs", type=int, default=128)
-    parser.add_argument("--max-model-len", type=int, default=16384)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="default: 16384, capped at the generated shape's positions; a --model's own",
+    )
+    parser.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="default 0.85 on CUDA; 0.25 without (vLLM's CPU backend reserves that share "
+        "of host memory for its KV cache)",
+    )
     parser.add_argument(
         "--max-patches",
         type=int,
@@ -309,6 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--host-cache-gb", type=float, default=1.0, help="vitbatch's host_cache_bytes, in GiB"
+    )
+    parser.add_argument(
+        "--ec-cpu-gb", type=float, default=1.0, help="ECCPUConnector's ec_cpu_bytes, in GiB"
     )
     parser.add_argument(
         "--graph-budgets",
@@ -322,24 +117,104 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="cProfile the timed passes of each configuration (top functions go into the JSON)",
     )
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds: start no further round once the last round's duration would overrun it "
+        "(a device call's limit); the rounds done are reported",
+    )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
 
 
-def _run_child(config: dict[str, Any], runner: str, timeout: int) -> dict[str, Any]:
+def ec_transfer_config(gib: float) -> dict[str, Any]:
+    """vLLM's ECCPUConnector in one process (both roles), ``gib`` of host memory."""
+    return {
+        "ec_connector": "ECCPUConnector",
+        "ec_role": "ec_both",
+        "ec_connector_extra_config": {"ec_cpu_bytes": int(gib * 2**30)},
+    }
+
+
+def configurations(args: argparse.Namespace, model: str, dummy: bool) -> list[list[ChildConfig]]:
+    """The configurations, one group per (runner, graphs): the engines compared in it."""
+    max_len = args.max_model_len
+    if max_len is None and args.model is None:
+        from vitbatch.bench.qwen_vl_model import SHAPES
+
+        max_len = min(16384, SHAPES[args.shape]["text"]["max_position_embeddings"])
+    groups = []
+    for runner in args.runners:
+        for graphs in args.encoder_graphs:
+            base = ChildConfig(
+                label="",
+                engine="native",
+                runner=runner,
+                model=model,
+                dummy=dummy,
+                dtype=args.dtype,
+                workloads=tuple(args.workloads),
+                passes=args.passes,
+                scale=args.scale,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                max_num_seqs=args.max_num_seqs,
+                max_model_len=max_len,
+                gpu_memory_utilization=memory_share(args),
+                prefix_caching=args.prefix_caching,
+                graphs=graphs == "on",
+                graph_budgets=tuple(args.graph_budgets),
+                profile=args.profile,
+            )
+            group = []
+            for mode, extra in variants(args, runner):
+                group.append(replace(base, label=f"{runner}/graphs-{graphs}/{mode}", **extra))
+            groups.append(group)
+    return groups
+
+
+def memory_share(args: argparse.Namespace) -> float:
+    if args.gpu_memory_utilization is not None:
+        return args.gpu_memory_utilization
+    import torch
+
+    return 0.85 if torch.cuda.is_available() else 0.25
+
+
+def variants(args: argparse.Namespace, runner: str) -> list[tuple[str, dict[str, Any]]]:
+    """(mode label, ChildConfig fields) of each engine compared on ``runner``."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    if "native" in args.modes:
+        out.append(("native", {"engine": "native"}))
+    if "vitbatch" in args.modes:
+        for patches in args.max_patches:
+            label = "vitbatch" if len(args.max_patches) == 1 else f"vitbatch p={patches or 'inf'}"
+            options = {
+                "max_batch_patches": patches or None,
+                "host_cache_bytes": int(args.host_cache_gb * 2**30),
+            }
+            out.append((label, {"engine": "vitbatch", "options": options}))
+    if "eccpu" in args.modes and (runner == "v1" or v2_runner_takes_ec_connector()):
+        out.append(
+            ("vllm+eccpu", {"engine": "eccpu", "ec_transfer": ec_transfer_config(args.ec_cpu_gb)})
+        )
+    return out
+
+
+def run_child(config: ChildConfig, timeout: int) -> dict[str, Any]:
     env = {
         **os.environ,
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
-        "VLLM_USE_V2_MODEL_RUNNER": "1" if runner == "v2" else "0",
+        "VLLM_USE_V2_MODEL_RUNNER": "1" if config.runner == "v2" else "0",
     }
     with tempfile.TemporaryDirectory() as tmp:
         spec, out = Path(tmp) / "config.json", Path(tmp) / "out.json"
-        spec.write_text(json.dumps(config))
+        spec.write_text(config.to_json())
         started = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, "-m", "vitbatch.bench.vllm_engine", str(spec), str(out)],
+            [sys.executable, "-m", "vitbatch.bench.vllm_child", str(spec), str(out)],
             env=env,
             capture_output=True,
             text=True,
@@ -347,156 +222,87 @@ def _run_child(config: dict[str, Any], runner: str, timeout: int) -> dict[str, A
             check=False,
         )
         if proc.returncode != 0 or not out.exists():
-            tail = (proc.stdout + proc.stderr)[-6000:]
-            raise RuntimeError(
-                f"configuration {config['label']} failed ({proc.returncode}):\n{tail}"
-            )
+            tail = (proc.stdout + proc.stderr)[-5000:]
+            raise RuntimeError(f"configuration {config.label} failed ({proc.returncode}):\n{tail}")
         result = json.loads(out.read_text())
         result["wall_seconds"] = time.perf_counter() - started
         result["log_lines"] = [
             line for line in (proc.stdout + proc.stderr).splitlines() if "vitbatch" in line
-        ][:20]
+        ][:40]
         return result
 
 
-def _summary(passes: list[dict]) -> dict[str, Any]:
-    best = min(passes, key=lambda p: p["seconds"])  # steady state: the fastest timed pass
-    ttft = [t for p in passes for t in p["ttft"]]
-    return {
-        "requests_per_s": best["requests"] / best["seconds"],
-        "images_per_s": best["images"] / best["seconds"],
-        "ttft_p50_ms": None if not ttft else 1000 * statistics.median(ttft),
-        "ttft_p99_ms": None if not ttft else 1000 * _percentile(ttft, 0.99),
-        "encoder_calls": best["encoder_calls"],
-        "peak_extra_gib": None
-        if best["peak_extra_bytes"] is None
-        else best["peak_extra_bytes"] / 2**30,
-        "host_restores": best["host_restores"],
-    }
+def round_order(groups: list[list[ChildConfig]], index: int) -> list[ChildConfig]:
+    """Round ``index``'s order: each group's engines rotated by ``index``, so each engine
+    runs first, in the middle and last in turn."""
+    return [c for g in groups for c in g[index % len(g) :] + g[: index % len(g)]]
 
 
-def _variants(args: argparse.Namespace) -> list[tuple[str, int | None]]:
-    """(label, max_batch_patches) of each configuration per runner; native has no options."""
-    variants: list[tuple[str, int | None]] = []
-    if "native" in args.modes:
-        variants.append(("native", None))
-    if "vitbatch" in args.modes:
-        for patches in args.max_patches:
-            label = "vitbatch" if len(args.max_patches) == 1 else f"vitbatch p={patches or 'inf'}"
-            variants.append((label, patches or None))
-    return variants
+def runner_refuses(error: str) -> bool:
+    """Whether a child failed because its model runner does not take the EC connector
+    (vLLM 0.26's V2: "does not yet support: EC transfer"; 0.32's V1: "ECCPUConnector
+    requires the V2 model runner"): the probe by trying, where no file says so."""
+    lowered = error.lower()
+    return "ec transfer" in lowered or (
+        "ecconnector" in lowered.replace("cpu", "") and "model runner" in lowered
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.rounds < 1 or args.passes < 1:
+        raise SystemExit("--rounds and --passes must be at least 1")
+    started = time.perf_counter()
+    refused: set[str] = set()  # configurations whose runner does not take the EC connector
     with tempfile.TemporaryDirectory() as tmp:
         model, dummy = args.model, False
         if model is None:
             from vitbatch.bench.qwen_vl_model import build_model_dir
 
-            model, dummy = (
-                str(build_model_dir(Path(tmp) / f"qwen2.5-vl-{args.shape}", args.shape)),
-                True,
-            )
-        results = {}
-        for runner in args.runners:
-            for graphs in args.encoder_graphs:
-                for mode, patches in _variants(args):
-                    label = f"{runner}/graphs-{graphs}/{mode}"
-                    config = {
-                        "label": label,
-                        "model": model,
-                        "dummy": dummy,
-                        "dtype": args.dtype,
-                        "vitbatch": mode != "native",
-                        "graphs": graphs == "on",
-                        "graph_budgets": args.graph_budgets,
-                        "options": {
-                            "max_batch_patches": patches,
-                            "host_cache_bytes": int(args.host_cache_gb * 2**30),
-                        },
-                        "workloads": args.workloads,
-                        "passes": args.passes,
-                        "scale": args.scale,
-                        "max_num_batched_tokens": args.max_num_batched_tokens,
-                        "max_num_seqs": args.max_num_seqs,
-                        "max_model_len": args.max_model_len,
-                        "gpu_memory_utilization": args.gpu_memory_utilization,
-                        "profile": args.profile,
-                    }
-                    print(f"running {label} ...", file=sys.stderr, flush=True)
-                    results[label] = _run_child(config, runner, args.timeout)
-    rows = compare(results, args)
+            model = str(build_model_dir(Path(tmp) / f"qwen2.5-vl-{args.shape}", args.shape))
+            dummy = True
+        groups = configurations(args, model, dummy)
+        rounds: list[dict[str, Any]] = []
+        for index in range(args.rounds):
+            elapsed = time.perf_counter() - started
+            if rounds and args.time_budget and elapsed * (index + 1) / index > args.time_budget:
+                print(
+                    f"--time-budget {args.time_budget:g} s: stopping after {index} round(s)",
+                    file=sys.stderr,
+                )
+                break
+            order = round_order(groups, index)
+            done: dict[str, Any] = {}
+            for config in order:
+                if config.label in refused:
+                    continue
+                print(
+                    f"round {index + 1}/{args.rounds}: {config.label} ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                try:
+                    done[config.label] = run_child(config, args.timeout)
+                    print(
+                        f"  {done[config.label]['wall_seconds']:.0f} s "
+                        f"(engine start {done[config.label]['startup_seconds']:.0f} s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                except (RuntimeError, subprocess.TimeoutExpired) as error:
+                    if config.engine == "eccpu" and runner_refuses(str(error)):
+                        refused.add(config.label)
+                        print(f"{config.label}: this runner takes no EC connector", file=sys.stderr)
+                        continue
+                    print(
+                        str(error)[:200] + " ... " + str(error)[-3000:], file=sys.stderr, flush=True
+                    )
+                    done[config.label] = {"error": str(error)}
+            ran = [c.label for c in order if c.label not in refused]
+            rounds.append({"round": index + 1, "order": ran, "results": done})
+            complete = index + 1 == args.rounds
+            write_json(args, groups, rounds, refused, complete=complete, started=started)
+    rows = compare(rounds, groups)
     print(format_rows(rows))
-    if args.json:
-        import torch
-
-        from vitbatch.bench.main import DTYPES, run_environment
-
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = args.model or f"Qwen2.5-VL-{args.shape}-shaped, dummy weights"
-        header = {**run_environment(model, device, DTYPES[args.dtype]), "argv": sys.argv}
-        try:
-            import vllm
-
-            header["vllm"] = vllm.__version__
-        except ImportError:
-            pass
-        args.json.write_text(json.dumps({"run": header, "rows": rows, "raw": results}, indent=1))
-    return 0 if all(row.get("mismatches", 0) == 0 for row in rows) else 1
-
-
-def compare(results: dict[str, dict], args: argparse.Namespace) -> list[dict]:
-    """One row per (runner, graphs, workload, mode): its summary, and against native its
-    speedup and how many greedy outputs are identical."""
-    rows = []
-    for runner in args.runners:
-        for graphs in args.encoder_graphs:
-            native = results.get(f"{runner}/graphs-{graphs}/native")
-            for name in args.workloads:
-                for mode, _ in _variants(args):
-                    result = results[f"{runner}/graphs-{graphs}/{mode}"]
-                    row = {"runner": runner, "graphs": graphs, "workload": name, "mode": mode}
-                    row.update(_summary(result["workloads"][name]["passes"]))
-                    if native is not None and mode != "native":
-                        a = native["workloads"][name]["token_ids"]
-                        b = result["workloads"][name]["token_ids"]
-                        row["prompts_compared"] = len(a)
-                        row["mismatches"] = sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
-                        row["speedup"] = (
-                            row["requests_per_s"]
-                            / _summary(native["workloads"][name]["passes"])["requests_per_s"]
-                        )
-                    rows.append(row)
-    return rows
-
-
-def _fmt(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def format_rows(rows: list[dict]) -> str:
-    lines = [
-        "| runner | enc. graphs | workload | mode | req/s | img/s | TTFT p50 ms | TTFT p99 ms "
-        "| encoder calls | peak extra GiB | host restores | vs native | equal |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for row in rows:
-        ratio = f"{row['speedup']:.2f}x" if "speedup" in row else ""
-        equal = (
-            f"{row['prompts_compared'] - row['mismatches']}/{row['prompts_compared']}"
-            if "mismatches" in row
-            else ""
-        )
-        lines.append(
-            f"| {row['runner'].upper()} | {row['graphs']} | {row['workload']} | {row['mode']} "
-            f"| {row['requests_per_s']:.2f} | {row['images_per_s']:.1f} "
-            f"| {_fmt(row['ttft_p50_ms'], '.0f')} | {_fmt(row['ttft_p99_ms'], '.0f')} "
-            f"| {row['encoder_calls']} | {_fmt(row['peak_extra_gib'], '.2f')} "
-            f"| {row['host_restores']} | {ratio} | {equal} |"
-        )
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":  # the child process
-    spec, out = Path(sys.argv[1]), Path(sys.argv[2])
-    out.write_text(json.dumps(child(json.loads(spec.read_text()))))
+    print(protocol_line(args, groups, rounds, refused, started))
+    failed = [label for r in rounds for label, out in r["results"].items() if "error" in out]
+    return 0 if not failed and all(row.get("mismatches", 0) == 0 for row in rows) else 1

@@ -388,6 +388,26 @@ def offline_api() -> tuple[type, type]:
     return LLM, SamplingParams
 
 
+@_uses("bench", "vllm.config:ECTransferConfig")
+def ec_transfer_config_class() -> type:
+    """vLLM's ``ECTransferConfig`` (its own encoder-cache connectors' configuration)."""
+    from vllm.config import ECTransferConfig
+
+    return ECTransferConfig
+
+
+def v2_runner_takes_ec_connector() -> bool:
+    """Whether the installed vLLM's Model Runner V2 has EC-connector support (its
+    ``v1/worker/gpu/ec_connector.py``; without it vLLM refuses EC transfer on V2).
+    Probed from the installed files, not from a version number."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("vllm.v1.worker.gpu.ec_connector") is not None
+    except ModuleNotFoundError:  # no vLLM, or no V2 runner package at all
+        return False
+
+
 _QWEN = "vllm.model_executor.models.qwen2_5_vl:Qwen2_5_VLForConditionalGeneration"
 
 
