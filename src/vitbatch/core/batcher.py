@@ -106,12 +106,22 @@ class VitBatcher:
         )
         self.offload = offload
         self.check_finite = check_finite
-        self.agreement: Agreement = GroupAgreement(agree) if agree is not None else LocalAgreement()
+        self.agreement: Agreement = LocalAgreement()
+        self.agree = agree
         self.capacity = capacity
         self.totals = Totals()
         self.last_stats = StepStats()
         self.observers: list[StepObserver] = []
         self.signatures = OutputSignatures(hidden_size, dtype)
+
+    @property
+    def agree(self) -> Agree | None:
+        """The TP agreement's all-reduce (see the class parameter); ``None`` at world size 1."""
+        return self.agreement.agree if isinstance(self.agreement, GroupAgreement) else None
+
+    @agree.setter
+    def agree(self, agree: Agree | None) -> None:
+        self.agreement = GroupAgreement(agree) if agree is not None else LocalAgreement()
 
     def set_hidden_size(
         self,
