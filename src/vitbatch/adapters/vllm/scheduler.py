@@ -234,6 +234,7 @@ class VitBatchEncoderCacheManager(EncoderCacheManager):
             max_batch_patches=self.options.max_batch_patches,
             max_batch_items=self.options.max_batch_items,
             check_finite=self.options.check_finite,
+            host_capacity_embeds=self.host.capacity,
         )
         self._restore, self._demote, self._drop = [], [], []
         self._reset = False
