@@ -1,4 +1,5 @@
-"""The vLLM worker's host tier on a :class:`~vitbatch.core.host_arena.HostArena`.
+"""The vLLM worker's host tier on a :class:`~vitbatch.core.host_arena.HostArena`, and
+vitbatch beside vLLM's own EC connectors.
 
 On CPU a host tensor is kept as it is; ``block_arena`` makes the workers copy
 into blocks instead (what a CUDA demotion does), so the block path runs here
@@ -18,11 +19,14 @@ from hypothesis import strategies as st
 
 pytest.importorskip("vllm")
 
+from vllm.config import ECTransferConfig  # noqa: E402 - after the importorskip
+
 from tests.vllm.test_manager import (  # noqa: E402
     SIZES,
     assert_accounting,
     end_step,
     fake_runner,
+    fake_scheduler,
     fake_vllm_config,
     make_request,
     process,
@@ -31,6 +35,8 @@ from tests.vllm.test_manager import (  # noqa: E402
 from vitbatch.adapters import vllm as adapter  # noqa: E402
 from vitbatch.adapters.vllm import (  # noqa: E402
     VitBatchStepMetadata,
+    scheduler,
+    surface,
     worker_state,
 )
 from vitbatch.core.host_arena import HostArena  # noqa: E402
@@ -161,3 +167,80 @@ def test_arena_is_the_schedulers_bound_in_bytes_plus_block_rounding() -> None:
     # Another bound from the scheduler: a fresh arena at the next demotion.
     process(runner, [], VitBatchStepMetadata(host_capacity_embeds=10))
     assert len(runner._vitbatch_state.host) == 0
+
+
+# -- vLLM's EC connectors -----------------------------------------------------------
+
+
+def ec_config(connector: str = "ECCPUConnector") -> ECTransferConfig:
+    """vLLM's own config object, as ``--ec-transfer-config`` builds it."""
+    return ECTransferConfig(
+        ec_connector=connector,
+        ec_role="ec_both",
+        ec_connector_extra_config={"ec_cpu_bytes": 1 << 30},
+    )
+
+
+def test_surface_reads_the_configured_ec_connector() -> None:
+    config = fake_vllm_config()
+    assert surface.ec_connector_name(config) is None  # a config without the field
+    config.ec_transfer_config = None
+    assert surface.ec_connector_name(config) is None
+    config.ec_transfer_config = ECTransferConfig()  # the object, no connector named
+    assert surface.ec_connector_name(config) is None
+    config.ec_transfer_config = ec_config()
+    assert surface.ec_connector_name(config) == "ECCPUConnector"
+
+
+@pytest.mark.parametrize("connector", ["ECCPUConnector", "ECExampleConnector"])
+def test_host_tier_steps_aside_for_an_ec_connector(monkeypatch, caplog, connector) -> None:
+    monkeypatch.delenv(adapter.ENV_VAR, raising=False)
+    on = fake_scheduler({"vitbatch": {"host_cache_embeds": 64}})
+    on.vllm_config.ec_transfer_config = ec_config(connector)
+    with caplog.at_level("INFO", logger="vllm.vitbatch"):
+        assert scheduler.enable_on(on)
+    manager = on.encoder_cache_manager
+    assert isinstance(manager, Manager) and manager.host.capacity == 0
+    lines = [r.getMessage() for r in caplog.records if "steps aside" in r.getMessage()]
+    assert lines == [
+        f"vitbatch: vLLM's EC connector {connector} is configured (--ec-transfer-config); "
+        "vitbatch's host tier steps aside (vitbatch still batches encoder calls)"
+    ]
+    # Nothing is demoted: an evicted entry is vLLM's (and its connector's) to handle.
+    for name in ("a", "b", "c"):
+        request = make_request(name, [(name, 20)])
+        schedule(manager, request)
+        manager.free(request)
+        _, metadata = end_step(manager)
+        assert metadata.demote == () and metadata.host_capacity_embeds == 0
+    assert manager.stats.demotions == 0
+
+
+def test_without_ec_connector_the_host_tier_stays(monkeypatch, caplog) -> None:
+    monkeypatch.delenv(adapter.ENV_VAR, raising=False)
+    on = fake_scheduler({"vitbatch": {"host_cache_embeds": 64}})
+    on.vllm_config.ec_transfer_config = None
+    with caplog.at_level("INFO", logger="vllm.vitbatch"):
+        assert scheduler.enable_on(on)
+    assert on.encoder_cache_manager.host.capacity == 64
+    assert on.encoder_cache_manager.get_manager_metadata().host_capacity_embeds == 64
+    assert "steps aside" not in caplog.text
+
+
+def test_vllm_parses_an_ec_cpu_connector_config() -> None:
+    """The documented flag parses on this vLLM into the object vitbatch reads."""
+    import json
+
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    flag = {
+        "ec_connector": "ECCPUConnector",
+        "ec_role": "ec_both",
+        "ec_connector_extra_config": {"ec_cpu_bytes": 1 << 30},
+    }
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = parser.parse_args(["--model", "m", "--ec-transfer-config", json.dumps(flag)])
+    engine_args = EngineArgs.from_cli_args(args)
+    config = SimpleNamespace(ec_transfer_config=engine_args.ec_transfer_config)
+    assert surface.ec_connector_name(config) == "ECCPUConnector"
