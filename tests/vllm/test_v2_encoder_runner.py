@@ -183,17 +183,18 @@ def test_v2_host_tier_demotes_restores_and_re_encodes_a_lost_copy() -> None:
     features = _features(1, 2)
     model_runner, runner = _runners(features)
     outputs = runner.encoder_cache.encoder_outputs
-    _step(model_runner, runner, {"r0": [0, 1]}, VitBatchStepMetadata())
+    with_host = {"host_capacity_embeds": 4 * ROWS}  # the scheduler's bound, in rows
+    _step(model_runner, runner, {"r0": [0, 1]}, VitBatchStepMetadata(**with_host))
     first = outputs["h0-0"].clone()
     # The scheduler frees both; it keeps h0-0 in the host tier.
-    _step(model_runner, runner, {}, VitBatchStepMetadata(demote=("h0-0",)), freed=outputs)
-    assert outputs == {} and list(model_runner._vitbatch_state.host) == ["h0-0"]
-    _step(model_runner, runner, {}, VitBatchStepMetadata(restore=("h0-0",)))
+    _step(model_runner, runner, {}, VitBatchStepMetadata(demote=("h0-0",), **with_host), outputs)
+    assert outputs == {} and model_runner._vitbatch_state.host.keys() == ["h0-0"]
+    _step(model_runner, runner, {}, VitBatchStepMetadata(restore=("h0-0",), **with_host))
     torch.testing.assert_close(outputs["h0-0"], first, rtol=0, atol=0)
     calls = len(runner.model.calls)
     # A restore whose host copy is gone: prepare_mm_inputs adds it, vLLM caches it.
-    _step(model_runner, runner, {}, VitBatchStepMetadata(), freed=["h0-0"])
-    hashes = _step(model_runner, runner, {}, VitBatchStepMetadata(restore=("h0-0",)))
+    _step(model_runner, runner, {}, VitBatchStepMetadata(**with_host), freed=["h0-0"])
+    hashes = _step(model_runner, runner, {}, VitBatchStepMetadata(restore=("h0-0",), **with_host))
     assert hashes == ["h0-0"] and len(runner.model.calls) == calls + 1
     torch.testing.assert_close(outputs["h0-0"], first, rtol=0, atol=0)
     assert model_runner._vitbatch_state.stats.restore_misses == 1

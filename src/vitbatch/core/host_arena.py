@@ -32,14 +32,13 @@ are, without a copy, unless ``copy_host_tensors`` (tests: the block path on CPU)
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from vitbatch.core.host_tier import LruTier, tensor_bytes
-from vitbatch.core.items import ItemKey
 
 DEFAULT_BLOCK_BYTES = 1 << 20
 
@@ -58,7 +57,8 @@ class HostEntry:
 
 
 class HostArena:
-    """Demoted embeddings keyed by :class:`ItemKey`, least recently used first.
+    """Demoted embeddings, least recently used first, keyed by any hashable key
+    (the core's :class:`~vitbatch.core.items.ItemKey`; an adapter's own, e.g. vLLM's mm hash).
 
     :param capacity_bytes: the bound; the pinned arena (``capacity_bytes``
         rounded down to whole blocks) is allocated on the first device demotion.
@@ -81,7 +81,7 @@ class HostArena:
         self.capacity = capacity_bytes
         self.block_bytes = block_bytes
         self.copy_host_tensors = copy_host_tensors
-        self._index: LruTier[ItemKey, HostEntry] = LruTier(capacity_bytes, _footprint(self))
+        self._index: LruTier[Hashable, HostEntry] = LruTier(capacity_bytes, _footprint(self))
         self._buffer: torch.Tensor | None = None
         self._free: list[int] = []
         self._released: dict[int, Any] = {}  # block -> event after its last restore read
@@ -98,13 +98,13 @@ class HostArena:
     def __len__(self) -> int:
         return len(self._index)
 
-    def keys(self) -> list[ItemKey]:
+    def keys(self) -> list[Hashable]:
         return list(self._index.entries)
 
-    def entry(self, key: ItemKey) -> HostEntry | None:
+    def entry(self, key: Hashable) -> HostEntry | None:
         return self._index.peek(key)
 
-    def peek(self, key: ItemKey) -> torch.Tensor | None:
+    def peek(self, key: Hashable) -> torch.Tensor | None:
         """A host copy of the entry's rows, waiting for its copy (checks and tests only)."""
         entry = self._index.peek(key)
         if entry is None:
@@ -117,8 +117,8 @@ class HostArena:
 
     # -- demotion -------------------------------------------------------------
     def put(
-        self, key: ItemKey, tensor: torch.Tensor, protected: Iterable[ItemKey] = ()
-    ) -> list[ItemKey] | None:
+        self, key: Hashable, tensor: torch.Tensor, protected: Iterable[Hashable] = ()
+    ) -> list[Hashable] | None:
         """Store ``tensor``'s rows, evicting least-recently-used unprotected entries.
 
         :returns: the evicted keys, or ``None`` (nothing evicted, nothing stored) when
@@ -149,7 +149,7 @@ class HostArena:
         return [victim_key for victim_key, _ in evicted]
 
     # -- restore --------------------------------------------------------------
-    def restore(self, key: ItemKey) -> torch.Tensor | None:
+    def restore(self, key: Hashable) -> torch.Tensor | None:
         """The entry's rows on the device they came from (the entry stays, most recent).
 
         The copy back is ordered on the current stream after the demotion's copy;
@@ -177,7 +177,7 @@ class HostArena:
                 self._released[block] = released
         return out
 
-    def take(self, key: ItemKey) -> torch.Tensor | None:
+    def take(self, key: Hashable) -> torch.Tensor | None:
         """:meth:`restore` and forget the entry."""
         out = self.restore(key)
         if out is not None:
@@ -185,7 +185,7 @@ class HostArena:
         return out
 
     # -- forgetting -----------------------------------------------------------
-    def discard(self, key: ItemKey) -> bool:
+    def discard(self, key: Hashable) -> bool:
         entry = self._index.pop(key)
         if entry is not None:
             self._release(entry)

@@ -42,6 +42,8 @@ class VitBatchStepMetadata:
         the host tier instead of dropping.
     :ivar drop: host-tier entries to forget.
     :ivar reset: clear the host tier first (vLLM reset its encoder cache).
+    :ivar host_capacity_embeds: the scheduler's bound on the host tier, in embedding
+        rows (0: no host tier); the workers size their host arenas from it.
     """
 
     restore: tuple[str, ...] = ()
@@ -51,6 +53,7 @@ class VitBatchStepMetadata:
     max_batch_patches: int | None = None
     max_batch_items: int | None = 64
     check_finite: bool = False
+    host_capacity_embeds: int = 0
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Arriving in a worker process means vitbatch is on: make sure that

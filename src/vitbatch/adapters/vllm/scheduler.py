@@ -9,6 +9,11 @@ a host-to-device copy. The scheduler decides every move (demote, restore, drop)
 and ships them in :class:`~.metadata.VitBatchStepMetadata`, so the workers'
 host tiers mirror the index exactly, on every tensor-parallel rank.
 
+With vLLM's own EC connector configured (``--ec-transfer-config``, e.g.
+``ECCPUConnector``), the host tier steps aside (one log line): the connector
+already keeps evicted encoder outputs, and two host tiers for one encoder cache
+would hold the same rows twice and evict each other's. Batching stays on.
+
 How the manager gets in: :func:`install_scheduler_patch` (run by the entry
 point in every vLLM process) wraps ``Scheduler.__init__``; when the scheduler's
 config switches vitbatch on (:func:`~.options.configured_options`) and the
@@ -78,6 +83,16 @@ class VitBatchEncoderCacheManager(EncoderCacheManager):
 
         install_worker_patches()  # in-process executors: this process runs the model too
         host_capacity = options.host_capacity_embeds(surface.bytes_per_embed(vllm_config))
+        connector = surface.ec_connector_name(vllm_config)
+        if connector is not None and host_capacity:
+            # vLLM's own connector keeps (or ships) evicted encoder outputs: a second
+            # host tier would hold the same rows twice and fight it over eviction.
+            logger.info(
+                "vitbatch: vLLM's EC connector %s is configured (--ec-transfer-config); "
+                "vitbatch's host tier steps aside (vitbatch still batches encoder calls)",
+                connector,
+            )
+            host_capacity = 0
         logger.info(
             "vitbatch: encoder cache manager on "
             "(device cache %d embeddings, host tier %d embeddings, %s)",
@@ -234,6 +249,7 @@ class VitBatchEncoderCacheManager(EncoderCacheManager):
             max_batch_patches=self.options.max_batch_patches,
             max_batch_items=self.options.max_batch_items,
             check_finite=self.options.check_finite,
+            host_capacity_embeds=self.host.capacity,
         )
         self._restore, self._demote, self._drop = [], [], []
         self._reset = False

@@ -182,6 +182,15 @@ def bytes_per_embed(vllm_config: Any) -> int:
     return model_config.get_hidden_size() * element
 
 
+@_uses("scheduler", "vllm.config:VllmConfig().ec_transfer_config?")
+def ec_connector_name(vllm_config: Any) -> str | None:
+    """The EC connector configured by ``--ec-transfer-config`` (``ECCPUConnector``...),
+    or ``None`` (none configured, or a vLLM without EC transfer)."""
+    ec_config = getattr(vllm_config, "ec_transfer_config", None)
+    name = getattr(ec_config, "ec_connector", None) if ec_config is not None else None
+    return str(name) if name else None
+
+
 def is_encoder_decoder(config_owner: Any) -> bool:
     """For a ``VllmConfig`` or a model runner (both carry ``model_config``)."""
     return bool(config_owner.model_config.is_encoder_decoder)

@@ -8,7 +8,9 @@ wrappers, one leaf module per runner) share it:
 
 * :class:`WorkerState`, vitbatch's object for one runner (the batcher, the host
   tier, counters, what one wrapper leaves for the next), held in one attribute
-  of the runner (see :func:`worker_state`);
+  of the runner (see :func:`worker_state`); its host tier is a
+  :class:`~vitbatch.core.host_arena.HostArena` (pinned blocks, filled on a side
+  stream) keyed by mm hash and sized from the scheduler's bound;
 * :func:`apply_tier_moves`: restores, demotes and drops as the step's
   :class:`~.metadata.VitBatchStepMetadata` says, before vLLM frees;
 * the core items of vLLM encoder inputs, and the restores whose host copy was
@@ -31,8 +33,9 @@ import torch
 
 from vitbatch.adapters.vllm import surface
 from vitbatch.adapters.vllm.metadata import VitBatchStepMetadata
-from vitbatch.core import Budget, EmbeddingCache, HostReferenceOffload, Item, Span, VitBatcher
+from vitbatch.core import Budget, EmbeddingCache, Item, Span, VitBatcher
 from vitbatch.core.agreement import group_agree
+from vitbatch.core.host_arena import HostArena
 from vitbatch.metrics import export_batcher
 
 logger = logging.getLogger("vllm.vitbatch")
@@ -56,7 +59,11 @@ class WorkerStats:
     """scheduled items found in the runner's encoder cache (not encoded again)."""
     host_restores: int = 0
     restore_misses: int = 0
+    """restores the host tier could not serve (entry gone or never stored): encoded again."""
     demotions: int = 0
+    demotions_not_kept: int = 0
+    """demotions the host arena could not store (larger than it, or the copy could not be
+    enqueued); the scheduler still lists them, so their restores miss and are encoded again."""
     host_drops: int = 0
     native_reasons: dict[str, int] = field(default_factory=dict)
 
@@ -74,12 +81,36 @@ class Payload:
 Entry = tuple[str, str, Any]
 
 
+#: Room in the host arena beyond the scheduler's bound, for block rounding: an entry
+#: wastes less than one block, and with blocks of at most 256 KiB an eighth more
+#: covers it unless entries are smaller than about 1 MiB on average.
+ARENA_SLACK = 8
+ARENA_BLOCK_BYTES = 256 << 10
+
+
+def arena_bytes(rows: int, row_bytes: int) -> int:
+    """The host arena's size for the scheduler's bound of ``rows`` embedding rows."""
+    raw = rows * row_bytes
+    return raw + raw // ARENA_SLACK
+
+
+def new_host_arena(capacity_bytes: int) -> HostArena:
+    """A host arena of ``capacity_bytes`` (pinned blocks allocated at its first demotion)."""
+    block = max(4096, min(ARENA_BLOCK_BYTES, capacity_bytes // 256) // 4096 * 4096)
+    return HostArena(capacity_bytes, block_bytes=block)
+
+
 class WorkerState:
     """vitbatch's state on one model runner: the batcher, the host tier, counters.
 
     The device cache is vLLM's (the scheduler governs it); the core's own cache
-    stays empty (items are not cacheable). The host tier is a plain dict: the
-    scheduler's index bounds it and decides every move, so it needs no policy.
+    stays empty (items are not cacheable). The host tier is a
+    :class:`~vitbatch.core.host_arena.HostArena` keyed by mm hash: the scheduler's
+    index decides every move and bounds it in rows; the arena is that bound in
+    bytes plus room for block rounding (:func:`arena_bytes`), built at the first
+    demotion. Should it still run out, it drops its least recent entries; the
+    scheduler still lists them, their restores miss (``restore_misses``) and they
+    are encoded again - never wrong rows.
     ``native_reason`` and ``recorded`` are what Model Runner V2's ``free_states``
     and ``prepare_mm_inputs`` leave for its ``execute_mm_encoder`` in one step.
     """
@@ -87,7 +118,8 @@ class WorkerState:
     def __init__(self, runner: Any, metadata: VitBatchStepMetadata, runner_kind: str) -> None:
         group = surface.agree_group(runner)
         self.runner_kind = runner_kind
-        self.offload = HostReferenceOffload()  # restored entries remember their host copy
+        width, dtype = surface.hidden_size(runner), surface.embedding_dtype(runner)
+        self.row_bytes = width * dtype.itemsize if width and dtype is not None else None
         self.batcher = VitBatcher(
             budget=Budget(metadata.max_batch_patches, metadata.max_batch_items),
             cache=EmbeddingCache(0),
@@ -95,10 +127,11 @@ class WorkerState:
             dtype=surface.embedding_dtype(runner),
             check_finite=metadata.check_finite,
             agree=group_agree(group) if group is not None else None,
-            offload=self.offload,
         )
         export_batcher(self.batcher, surface.metric_labels(runner))
-        self.host: dict[str, torch.Tensor] = {}
+        self.host = new_host_arena(0)
+        self.host_rows: int | None = None  # the scheduler's bound; None until configured
+        self._arena_built = False
         self.missing: set[str] = set()
         self.stats = WorkerStats()
         self.native_reason: str | None = None
@@ -115,6 +148,20 @@ class WorkerState:
         budget = Budget(metadata.max_batch_patches, metadata.max_batch_items)
         if budget != self.batcher.budget:
             self.batcher.budget = budget
+        if metadata.host_capacity_embeds != self.host_rows:
+            # The first step, or another bound: a fresh arena, built at the next demotion.
+            self.host.clear()
+            self.host = new_host_arena(0)
+            self.host_rows = metadata.host_capacity_embeds
+            self._arena_built = False
+
+    def demote(self, mm_hash: str, tensor: torch.Tensor) -> bool:
+        """Keep ``tensor`` in the host tier: its copy is enqueued, not waited for."""
+        if not self._arena_built:
+            row_bytes = self.row_bytes or tensor_row_bytes(tensor)
+            self.host = new_host_arena(arena_bytes(self.host_rows or 0, row_bytes))
+            self._arena_built = True
+        return self.host.put(mm_hash, tensor) is not None
 
     def log_once(self, key: str, message: str, *args: Any, exc_info: bool = False) -> None:
         if key not in self._logged:
@@ -163,46 +210,54 @@ def share_state(owner: Any, state: WorkerState) -> None:
     owner._vitbatch_state = state
 
 
+def tensor_row_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of one embedding row of ``tensor`` (when the model config did not say)."""
+    rows = tensor.shape[0] if tensor.dim() else 1
+    return max(1, tensor.numel() * tensor.element_size() // max(1, rows))
+
+
 def apply_tier_moves(
     cache: MutableMapping[str, torch.Tensor],
-    device: torch.device,
     state: WorkerState,
     freed: Iterable[str],
     metadata: VitBatchStepMetadata,
 ) -> None:
     """Mirror the scheduler's decisions on the runner's encoder-output dict ``cache``.
 
-    Runs before vLLM frees this step's ``freed`` hashes: restores first, then
-    the demoted entries leave ``cache`` for the host tier (vLLM's free then
-    finds nothing to pop), then drops.
+    Runs before vLLM frees this step's ``freed`` hashes: restores first (each a
+    host-to-device copy ordered after its demotion's copy on the device, the host
+    waits for neither), then drops (their blocks are free again), then the
+    demoted entries leave ``cache`` for the host tier (a device-to-host copy
+    enqueued on the arena's side stream; vLLM's free then finds nothing to pop).
+    Nothing here waits for the device.
     """
-    offload = state.offload
     if metadata.reset:
         state.host.clear()
     for mm_hash in metadata.restore:
-        host = state.host.pop(mm_hash, None)
-        if host is None:
+        restored = state.host.take(mm_hash)
+        if restored is None:
             state.missing.add(mm_hash)  # encoded in this step's encoder call
             state.stats.restore_misses += 1
             continue
-        cache[mm_hash] = offload.to_device(host, device)
+        cache[mm_hash] = restored
         state.stats.host_restores += 1
+    for mm_hash in metadata.drop:
+        if state.host.discard(mm_hash):
+            state.stats.host_drops += 1
     demote = set(metadata.demote)
     for mm_hash in freed:
         if mm_hash in demote:
             tensor = cache.pop(mm_hash, None)
-            if tensor is not None:
-                # A restored entry still has its host tensor: no device->host copy.
-                state.host[mm_hash] = offload.release(tensor)
+            if tensor is None:
+                continue
+            if state.demote(mm_hash, tensor):
                 state.stats.demotions += 1
-    for mm_hash in metadata.drop:
-        if state.host.pop(mm_hash, None) is not None:
-            state.stats.host_drops += 1
+            else:
+                state.stats.demotions_not_kept += 1
 
 
 def move_tiers(
     cache: MutableMapping[str, torch.Tensor],
-    device: torch.device,
     state: WorkerState,
     scheduler_output: Any,
     metadata: VitBatchStepMetadata,
@@ -210,7 +265,7 @@ def move_tiers(
     """:func:`apply_tier_moves` for one step; if it fails, vLLM frees as usual and
     whatever was not restored is encoded in this step's encoder call instead."""
     try:
-        apply_tier_moves(cache, device, state, surface.freed_hashes(scheduler_output), metadata)
+        apply_tier_moves(cache, state, surface.freed_hashes(scheduler_output), metadata)
     except Exception:  # noqa: BLE001 - any failure: keep serving
         state.note_error("host-tier update")
         state.missing.update(h for h in metadata.restore if h not in cache)

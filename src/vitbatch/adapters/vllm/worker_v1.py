@@ -88,7 +88,7 @@ def update_states(original: Callable[..., Any]) -> Callable[..., Any]:
         if metadata is not None:
             state = worker_state(self, metadata, "V1")
             cache = surface.v1_outputs(self)
-            move_tiers(cache, surface.device(self), state, scheduler_output, metadata)
+            move_tiers(cache, state, scheduler_output, metadata)
         return original(self, scheduler_output, *args, **kwargs)
 
     return _update_states

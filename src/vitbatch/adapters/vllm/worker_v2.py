@@ -60,7 +60,7 @@ def free_states(original: Callable[..., Any]) -> Callable[..., Any]:
         share_state(encoder_runner, state)
         state.native_reason = native_only_reason(self, ())
         outputs = surface.v2_outputs(self)
-        move_tiers(outputs, surface.device(self), state, scheduler_output, metadata)
+        move_tiers(outputs, state, scheduler_output, metadata)
         return original(self, scheduler_output, *args, **kwargs)
 
     return _free_states
