@@ -8,6 +8,7 @@ lives in :mod:`vitbatch.core.planner` and :mod:`vitbatch.core.validate`.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import torch
 
 from vitbatch.core.agreement import Agree, Agreement, CapacityProbe, GroupAgreement, LocalAgreement
 from vitbatch.core.cache import EmbeddingCache, tensor_bytes
-from vitbatch.core.calls import Encoded, assemble_chunk, encode_batch
+from vitbatch.core.calls import Encoded, assemble_pieces, encode_batch, join_pieces
 from vitbatch.core.errors import (
     EncoderOutputError,
     OutOfMemoryError,
@@ -52,10 +53,22 @@ class StepObserver(Protocol):
 
 @dataclass
 class StepResult:
-    """Per request (step order) its chunk embedding, ``None`` where no item overlaps."""
+    """Per request (step order) its chunk rows, as pieces and as one tensor.
 
-    embeddings: list[torch.Tensor | None]
+    ``pieces[i]`` is request ``i``'s rows as tensors to be joined in order (views of
+    the items' embeddings with the default assembly, the assembly plugin's one
+    tensor otherwise; empty where no item overlaps the window): an adapter that
+    concatenates the whole step anyway joins these, copying every row once.
+    ``embeddings[i]`` is the same rows as one tensor (``None`` where no item
+    overlaps), joined on first access: a single piece as is, else one ``torch.cat``.
+    """
+
+    pieces: list[list[torch.Tensor]]
     stats: StepStats
+
+    @functools.cached_property
+    def embeddings(self) -> list[torch.Tensor | None]:
+        return [join_pieces(pieces) if pieces else None for pieces in self.pieces]
 
 
 class VitBatcher:
@@ -156,17 +169,17 @@ class VitBatcher:
 
         def assemble(plan: StepPlan, embeddings: dict[ItemKey, torch.Tensor]) -> list:
             return [
-                assemble_chunk(self.plugin_manager, chunk, items, embeddings) if items else None
+                assemble_pieces(self.plugin_manager, chunk, items, embeddings) if items else []
                 for chunk, items in zip(chunks, plan.needed)
             ]
 
-        chunk_embeddings, stats = self._step(
+        chunk_pieces, stats = self._step(
             lambda is_cached, budget: plan_step(chunks, is_cached, budget),
             len(chunks),
             engine_encoder,
             assemble,
         )
-        return StepResult(chunk_embeddings, stats)
+        return StepResult(chunk_pieces, stats)
 
     def encode(
         self,

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from vitbatch.core.calls import by_pieces, chunk_pieces, join_pieces
 from vitbatch.plugin.hookspecs import hookimpl
 
 if TYPE_CHECKING:
@@ -28,15 +29,15 @@ def vitbatch_encode_batch(
 
 
 @hookimpl(trylast=True)
+@by_pieces
 def vitbatch_assemble_chunk(
     window: Window, items: Sequence[Item], embeddings: Sequence[torch.Tensor]
 ) -> torch.Tensor:
-    """Slice each item to its rows inside the window, order the pieces by position, concatenate."""
-    pieces: list[tuple[int, torch.Tensor]] = []
-    for item, embedding in zip(items, embeddings):
-        for position, first_row, rows in item.rows_in(window):
-            pieces.append((position, embedding[first_row : first_row + rows]))
-    pieces.sort(key=lambda piece: piece[0])
-    if len(pieces) == 1:
-        return pieces[0][1]
-    return torch.cat([piece for _, piece in pieces], dim=0)
+    """Each item's rows inside the window as one view, in position order; the item's own
+    tensor when the window holds it whole; one ``torch.cat`` only for several items.
+
+    Marked :func:`~vitbatch.core.calls.by_pieces`: while no other implementation is
+    registered the batcher takes these views unjoined, and the adapter makes the
+    step's one concatenation (its engine's), or none.
+    """
+    return join_pieces(chunk_pieces(window, items, embeddings))

@@ -3,7 +3,9 @@
 The AROUND hook on ``_get_chunked_prefill_embedding`` turns the step's
 ``MultimodalDataItem``s into core items, lets the core plan, encode
 (``vitbatch_encode_batch``, default: SGLang's own ``data_embedding_func``), cache
-and assemble, and returns the tensor SGLang expects. Requests SGLang sends
+and assemble, and returns the tensor SGLang expects, joined as SGLang joins it:
+the core hands each request's rows as views of the item embeddings, and the step
+makes one ``torch.cat`` over all of them, none for a single view. Requests SGLang sends
 through its per-request "full" path (multi-run non-audio items, EVS) keep that
 native path. Any exception: log once, run SGLang's own function for that step.
 
@@ -143,14 +145,14 @@ def chunked_prefill_embedding(
     }
     moved: list[MultimodalDataItem] = []
     encoder = _engine_encoder(state, data_embedding_func, device, borrowable, moved)
-    pieces: list[tuple[int, torch.Tensor]] = []
+    pieces: list[tuple[int, torch.Tensor]] = []  # (request index, rows), joined once below
     try:
         if chunks:
             result = state.batcher.run_step(chunks, encoder)
             pieces.extend(
-                (chunk.request_id, embedding)
-                for chunk, embedding in zip(chunks, result.embeddings)
-                if embedding is not None
+                (chunk.request_id, piece)
+                for chunk, request_pieces in zip(chunks, result.pieces)
+                for piece in request_pieces
             )
     finally:
         _release_features(state, moved)
@@ -168,6 +170,8 @@ def chunked_prefill_embedding(
         if embedding is not None:
             pieces.append((index, embedding))
 
+    # Like SGLang: every slice of every request in request order (a stable sort keeps
+    # each request's own order), then one concatenation for the step, none for one slice.
     pieces.sort(key=lambda piece: piece[0])
     if not pieces:
         return None, input_ids
