@@ -174,7 +174,7 @@ def near_misses(vllm_config: Any) -> list[str]:
         key
         for key in additional
         if isinstance(key, str)
-        and difflib.get_close_matches(key.lower(), [CONFIG_KEY], n=1, cutoff=0.75)
+        and difflib.get_close_matches(key.lower(), [CONFIG_KEY], n=1, cutoff=0.8)
     ]
 
 
