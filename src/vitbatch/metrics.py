@@ -1,12 +1,22 @@
 """Prometheus metrics of a :class:`~vitbatch.core.batcher.VitBatcher`, for operators.
 
-SGLang and vLLM serve ``/metrics`` with ``prometheus_client``, in its
-multiprocess mode: the process that runs the vision encoder (SGLang's scheduler,
-vLLM's worker) is not the one that answers HTTP, so values cannot be read by a
-collector at scrape time. They are *pushed* instead: after every step the
-batcher's observer increments ordinary ``prometheus_client`` counters and
-histograms, which in multiprocess mode land in ``PROMETHEUS_MULTIPROC_DIR`` and
-appear on the engine's own endpoint next to its metrics.
+The process that runs the vision encoder (SGLang's scheduler, vLLM's engine
+core or worker) is not the one that answers ``/metrics``, so the values travel
+one of two ways, decided in the encoder's process by :func:`export_batcher`:
+
+* **push** (``PROMETHEUS_MULTIPROC_DIR`` set before the engine started, as
+  SGLang's launcher and vLLM's ``--api-server-count > 1`` set it): ordinary
+  ``prometheus_client`` counters, which in multiprocess mode land in that
+  directory and appear on the engine's own endpoint next to its metrics.
+* **snapshot** (:data:`DIR_ENV` set, by :func:`serve_engine_metrics` in the
+  process that answers ``/metrics``, when it serves a single-process registry,
+  vLLM's default): each encoder process writes its cumulative values to a small
+  JSON file in that directory after each step; a collector registered in the
+  serving process's default registry reads them at scrape time.
+
+One definition per fact (:func:`values_of`) feeds both. Host-tier counters come
+from the tier that holds the rows (:class:`HostTierCounts`): the core cache's
+host tier (SGLang) or the adapter's own (vLLM's workers).
 
 Nothing here is required: without ``prometheus_client`` :func:`export_batcher`
 returns ``False`` and vitbatch runs as before (``vitbatch bench --json`` too).
@@ -14,8 +24,14 @@ returns ``False`` and vitbatch runs as before (``vitbatch bench --json`` too).
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from itertools import count
 from typing import TYPE_CHECKING, Any
 
 from vitbatch.core.stats import COST_BUCKETS, ITEM_BUCKETS, SECONDS_BUCKETS, StepStats
@@ -23,22 +39,128 @@ from vitbatch.core.stats import COST_BUCKETS, ITEM_BUCKETS, SECONDS_BUCKETS, Ste
 if TYPE_CHECKING:
     from vitbatch.core.batcher import VitBatcher
 
-LABELS = ("model_name", "engine", "tp_rank")
-"""Every vitbatch metric carries these labels (vLLM's ``model_name``/``engine``,
-SGLang's ``tp_rank``); an adapter leaves a label it does not know empty."""
+logger = logging.getLogger("vitbatch.metrics")
 
-# name -> (help, StepStats field it sums)
-COUNTERS: dict[str, tuple[str, str]] = {
-    "vitbatch_encoder_calls": ("Vision-encoder calls made by vitbatch", "encoder_calls"),
-    "vitbatch_items": ("Multimodal items of the steps vitbatch served", "items"),
-    "vitbatch_cache_hits": ("Items served from vitbatch's embedding cache", "hits"),
-    "vitbatch_host_cache_hits": ("Cache hits restored from the pinned host tier", "host_hits"),
-    "vitbatch_cache_misses": ("Distinct items that had to be encoded", "misses"),
-    "vitbatch_deduplicated": ("Items encoded once for several requests of a step", "deduplicated"),
-    "vitbatch_oom_splits": ("Encoder calls split in half after a device OOM", "oom_splits"),
-    "vitbatch_d2h_copies_avoided": ("Releases needing no GPU-to-CPU copy", "d2h_copies_avoided"),
-    "vitbatch_d2h_bytes_avoided": ("Bytes of GPU-to-CPU copies avoided", "d2h_bytes_avoided"),
+LABELS = ("model_name", "engine", "tp_rank")
+"""Every vitbatch metric carries these labels (vLLM's ``model_name`` and ``engine``
+(the engine index), SGLang's ``tp_rank``); an adapter leaves a label it does not know empty."""
+
+#: Where encoder processes write their snapshots (set by :func:`serve_engine_metrics`).
+DIR_ENV = "VITBATCH_METRICS_DIR"
+_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@dataclass(frozen=True)
+class HostTierCounts:
+    """What a host tier did, counted by the tier that holds the rows (cumulative)."""
+
+    hits: int = 0
+    """entries restored to the device from host memory instead of being encoded."""
+    demotions: int = 0
+    """entries copied (or handed) into host memory when the device cache evicted them."""
+    drops: int = 0
+    """entries the host tier let go (evicted for room, or stale)."""
+    entries: int = 0
+    bytes: int = 0
+
+
+HostTier = Callable[[], HostTierCounts]
+
+COUNTERS: dict[str, str] = {
+    "vitbatch_encoder_calls": "Vision-encoder calls made by vitbatch",
+    "vitbatch_items": "Multimodal items of the steps vitbatch served",
+    "vitbatch_cache_hits": "Items served from vitbatch's caches (device or host tier) unencoded",
+    "vitbatch_host_cache_hits": "Items restored from the pinned host tier instead of encoded",
+    "vitbatch_host_cache_demotions": "Entries moved into the host tier on device-cache eviction",
+    "vitbatch_host_cache_drops": "Entries the host tier dropped (evicted for room, or stale)",
+    "vitbatch_cache_misses": "Distinct items that had to be encoded",
+    "vitbatch_deduplicated": "Items encoded once for several requests of a step",
+    "vitbatch_oom_splits": "Encoder calls split in half after a device OOM",
+    "vitbatch_d2h_copies_avoided": "Releases needing no GPU-to-CPU copy",
+    "vitbatch_d2h_bytes_avoided": "Bytes of GPU-to-CPU copies avoided",
 }  # fmt: skip
+"""Counter name (``_total`` is added on the wire) -> help."""
+
+GAUGES: dict[str, str] = {
+    "vitbatch_cache_bytes": "Bytes held by vitbatch's own device embedding cache "
+    "(0 under vLLM, whose encoder cache is vLLM's)",
+    "vitbatch_host_cache_bytes": "Bytes held by vitbatch's pinned host tier",
+    "vitbatch_host_cache_entries": "Entries held by vitbatch's pinned host tier",
+}
+
+HISTOGRAMS: dict[str, tuple[str, tuple[float, ...], str]] = {
+    "vitbatch_cost_per_call": (
+        "Encoder cost units (patches before merging) per vision-encoder call",
+        COST_BUCKETS,
+        "cost_per_call",
+    ),
+    "vitbatch_items_per_call": ("Items per vision-encoder call", ITEM_BUCKETS, "items_per_call"),
+    "vitbatch_encode_seconds": (
+        "Host wall time of one vision-encoder call (launch time on an asynchronous device)",
+        SECONDS_BUCKETS,
+        "seconds_per_call",
+    ),
+}
+FALLBACKS = "vitbatch_fallbacks"
+FALLBACKS_HELP = "Steps served by the engine's own path because vitbatch failed or declined"
+
+
+def core_host_tier(batcher: VitBatcher) -> HostTier:
+    """The host tier of the batcher's own cache (what SGLang's adapter uses)."""
+    cache = batcher.cache
+
+    def counts() -> HostTierCounts:
+        return HostTierCounts(
+            hits=cache.stats.host_hits,
+            demotions=cache.stats.host_demotions,
+            drops=cache.stats.host_evictions,
+            entries=len(cache.host_keys()),
+            bytes=cache.host_used_bytes,
+        )
+
+    return counts
+
+
+def values_of(
+    batcher: VitBatcher, host_tier: HostTier | None
+) -> tuple[dict[str, float], dict[str, float]]:
+    """``(counters, gauges)``: the cumulative values of :data:`COUNTERS` and :data:`GAUGES`.
+
+    ``host_tier`` ``None``: the batcher's cache holds the host tier (its hits are
+    among the batcher's); otherwise the adapter's tier, whose hits are added.
+    """
+    totals = batcher.totals
+    tier = (host_tier or core_host_tier(batcher))()
+    hits = totals.hits if host_tier is None else totals.hits + tier.hits
+    counters = {
+        "vitbatch_encoder_calls": totals.encoder_calls,
+        "vitbatch_items": totals.items,
+        "vitbatch_cache_hits": hits,
+        "vitbatch_host_cache_hits": tier.hits,
+        "vitbatch_host_cache_demotions": tier.demotions,
+        "vitbatch_host_cache_drops": tier.drops,
+        "vitbatch_cache_misses": totals.misses,
+        "vitbatch_deduplicated": totals.deduplicated,
+        "vitbatch_oom_splits": totals.oom_splits,
+        "vitbatch_d2h_copies_avoided": totals.d2h_copies_avoided,
+        "vitbatch_d2h_bytes_avoided": totals.d2h_bytes_avoided,
+    }
+    gauges = {
+        "vitbatch_cache_bytes": batcher.cache.used_bytes,
+        "vitbatch_host_cache_bytes": tier.bytes,
+        "vitbatch_host_cache_entries": tier.entries,
+    }
+    return counters, gauges
+
+
+def _label_values(labels: Mapping[str, str]) -> list[str]:
+    unknown = sorted(set(labels) - set(LABELS))
+    if unknown:
+        raise ValueError(f"vitbatch metrics: unknown label(s) {unknown}; expected some of {LABELS}")
+    return [str(labels.get(name, "")) for name in LABELS]
+
+
+# -- push: prometheus_client's own metrics --------------------------------------
 
 _lock = threading.Lock()
 _families: dict[str, Any] | None = None
@@ -48,86 +170,248 @@ def _make_families() -> dict[str, Any]:
     """The metric objects, once per process (prometheus_client refuses duplicates)."""
     from prometheus_client import Counter, Gauge, Histogram
 
-    families: dict[str, Any] = {
-        name: Counter(name, help_text, LABELS) for name, (help_text, _) in COUNTERS.items()
-    }
-    families["vitbatch_fallbacks"] = Counter(
-        "vitbatch_fallbacks",
-        "Steps served by the engine's own path because vitbatch failed or declined",
-        (*LABELS, "reason"),
-    )
-    families["vitbatch_cost_per_call"] = Histogram(
-        "vitbatch_cost_per_call",
-        "Encoder cost units (patches before merging) per vision-encoder call",
-        LABELS,
-        buckets=COST_BUCKETS,
-    )
-    families["vitbatch_items_per_call"] = Histogram(
-        "vitbatch_items_per_call", "Items per vision-encoder call", LABELS, buckets=ITEM_BUCKETS
-    )
-    families["vitbatch_encode_seconds"] = Histogram(
-        "vitbatch_encode_seconds",
-        "Host wall time of one vision-encoder call (launch time on an asynchronous device)",
-        LABELS,
-        buckets=SECONDS_BUCKETS,
-    )
-    families["vitbatch_cache_bytes"] = Gauge(
-        "vitbatch_cache_bytes",
-        "Bytes held by vitbatch's device embedding cache",
-        LABELS,
-        multiprocess_mode="livesum",
-    )
-    families["vitbatch_host_cache_bytes"] = Gauge(
-        "vitbatch_host_cache_bytes",
-        "Bytes held by vitbatch's pinned host tier",
-        LABELS,
-        multiprocess_mode="livesum",
-    )
+    families: dict[str, Any] = {n: Counter(n, text, LABELS) for n, text in COUNTERS.items()}
+    families[FALLBACKS] = Counter(FALLBACKS, FALLBACKS_HELP, (*LABELS, "reason"))
+    for name, (text, bounds, _) in HISTOGRAMS.items():
+        families[name] = Histogram(name, text, LABELS, buckets=bounds)
+    for name, text in GAUGES.items():
+        families[name] = Gauge(name, text, LABELS, multiprocess_mode="livesum")
     return families
 
 
 class PrometheusObserver:
     """Pushes each step's statistics into the process's metric families."""
 
-    def __init__(self, families: dict[str, Any], labels: Mapping[str, str]) -> None:
-        values = [str(labels.get(name, "")) for name in LABELS]
-        unknown = sorted(set(labels) - set(LABELS))
-        if unknown:
-            raise ValueError(
-                f"vitbatch metrics: unknown label(s) {unknown}; expected some of {LABELS}"
-            )
-        self._labels = values
+    def __init__(
+        self, families: dict[str, Any], labels: Mapping[str, str], host_tier: HostTier | None
+    ) -> None:
+        self._labels = _label_values(labels)
         self._families = families
-        self._counters = [
-            (families[name].labels(*values), field) for name, (_, field) in COUNTERS.items()
-        ]
+        self._host_tier = host_tier
+        self._children = {name: families[name].labels(*self._labels) for name in COUNTERS}
+        self._gauges = {name: families[name].labels(*self._labels) for name in GAUGES}
         self._histograms = [
-            (families["vitbatch_cost_per_call"].labels(*values), "cost_per_call"),
-            (families["vitbatch_items_per_call"].labels(*values), "items_per_call"),
-            (families["vitbatch_encode_seconds"].labels(*values), "seconds_per_call"),
+            (families[name].labels(*self._labels), field)
+            for name, (_, _, field) in HISTOGRAMS.items()
         ]
-        self._cache_bytes = families["vitbatch_cache_bytes"].labels(*values)
-        self._host_bytes = families["vitbatch_host_cache_bytes"].labels(*values)
+        self._sent: dict[str, float] = dict.fromkeys(COUNTERS, 0)
+        self._sync_lock = threading.Lock()
+
+    def sync(self, batcher: VitBatcher) -> None:
+        """Bring the counters and gauges up to the batcher's (and tier's) totals."""
+        counters, gauges = values_of(batcher, self._host_tier)
+        with self._sync_lock:
+            for name, value in counters.items():
+                if value > self._sent[name]:
+                    self._children[name].inc(value - self._sent[name])
+                    self._sent[name] = value
+        for name, value in gauges.items():
+            self._gauges[name].set(value)
 
     def on_step(self, batcher: VitBatcher, stats: StepStats) -> None:
-        for child, field in self._counters:
-            value = getattr(stats, field)
-            if value:
-                child.inc(value)
         for child, field in self._histograms:
             for value in getattr(stats, field):
                 child.observe(value)
-        self._cache_bytes.set(batcher.cache.used_bytes)
-        self._host_bytes.set(batcher.cache.host_used_bytes)
+        self.sync(batcher)
 
     def on_fallback(self, batcher: VitBatcher, reason: str) -> None:
-        self._families["vitbatch_fallbacks"].labels(*self._labels, reason).inc()
+        self._families[FALLBACKS].labels(*self._labels, reason).inc()
 
 
-def export_batcher(batcher: VitBatcher, labels: Mapping[str, str]) -> bool:
+def _client_is_multiprocess() -> bool:
+    """Whether this process's prometheus_client writes to ``PROMETHEUS_MULTIPROC_DIR``
+    (it decides once, when first imported)."""
+    from prometheus_client import values
+
+    return values.ValueClass is not values.MutexValue
+
+
+# -- snapshot: files the serving process reads ---------------------------------
+
+_snapshot_ids = count()
+
+
+class SnapshotWriter:
+    """Writes the batcher's cumulative values to ``directory`` after each step."""
+
+    def __init__(
+        self, directory: str, labels: Mapping[str, str], host_tier: HostTier | None
+    ) -> None:
+        _label_values(labels)
+        self._labels = dict(labels)
+        self._host_tier = host_tier
+        self._path = os.path.join(directory, f"vitbatch-{os.getpid()}-{next(_snapshot_ids)}.json")
+        self._lock = threading.Lock()
+
+    def sync(self, batcher: VitBatcher) -> None:
+        counters, gauges = values_of(batcher, self._host_tier)
+        totals = batcher.totals
+        histograms = {
+            name: {"counts": list(h.counts), "sum": h.total}
+            for name, (_, _, field) in HISTOGRAMS.items()
+            for h in (getattr(totals, field),)
+        }
+        data = {
+            "pid": os.getpid(),
+            "labels": self._labels,
+            "counters": counters,
+            "gauges": gauges,
+            "histograms": histograms,
+            "fallbacks": dict(totals.fallbacks),
+        }
+        with self._lock:
+            tmp = self._path + ".tmp"
+            with open(tmp, "w") as file:
+                json.dump(data, file)
+            os.replace(tmp, self._path)
+
+    def on_step(self, batcher: VitBatcher, stats: StepStats) -> None:
+        self.sync(batcher)
+
+    def on_fallback(self, batcher: VitBatcher, reason: str) -> None:
+        self.sync(batcher)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_snapshots(directory: str) -> list[dict[str, Any]]:
+    """The snapshots in ``directory`` (unreadable or half-written ones are skipped)."""
+    found = []
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+    for name in names:
+        if not (name.startswith("vitbatch-") and name.endswith(".json")):
+            continue
+        try:
+            with open(os.path.join(directory, name)) as file:
+                found.append(json.load(file))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+class SnapshotCollector:
+    """A ``prometheus_client`` collector of the snapshots in one directory."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def describe(self) -> list[Any]:
+        return []  # names are only known at scrape time; don't read files on register
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        snapshots = read_snapshots(self.directory)
+        counters: dict[str, dict[tuple[str, ...], float]] = {name: {} for name in COUNTERS}
+        gauges: dict[str, dict[tuple[str, ...], float]] = {name: {} for name in GAUGES}
+        fallbacks: dict[tuple[str, ...], float] = {}
+        histograms: dict[str, dict[tuple[str, ...], tuple[list[float], float]]] = {
+            name: {} for name in HISTOGRAMS
+        }
+        for snap in snapshots:
+            key = tuple(_label_values(snap.get("labels", {})))
+            for name, value in snap.get("counters", {}).items():
+                if name in counters:
+                    counters[name][key] = counters[name].get(key, 0) + value
+            if _alive(int(snap.get("pid", 0))):  # gauges of live processes, like "livesum"
+                for name, value in snap.get("gauges", {}).items():
+                    if name in gauges:
+                        gauges[name][key] = gauges[name].get(key, 0) + value
+            for reason, value in snap.get("fallbacks", {}).items():
+                fallbacks[(*key, reason)] = fallbacks.get((*key, reason), 0) + value
+            for name, hist in snap.get("histograms", {}).items():
+                if name in histograms:
+                    old_counts, old_sum = histograms[name].get(key, ([0] * len(hist["counts"]), 0))
+                    summed = [a + b for a, b in zip(old_counts, hist["counts"])]
+                    histograms[name][key] = (summed, old_sum + hist["sum"])
+        for name, text in COUNTERS.items():
+            family = CounterMetricFamily(name, text, labels=LABELS)
+            for key, value in counters[name].items():
+                family.add_metric(key, value)
+            yield family
+        family = CounterMetricFamily(FALLBACKS, FALLBACKS_HELP, labels=(*LABELS, "reason"))
+        for key, value in fallbacks.items():
+            family.add_metric(key, value)
+        yield family
+        for name, text in GAUGES.items():
+            family = GaugeMetricFamily(name, text, labels=LABELS)
+            for key, value in gauges[name].items():
+                family.add_metric(key, value)
+            yield family
+        for name, (text, bounds, _) in HISTOGRAMS.items():
+            family = HistogramMetricFamily(name, text, labels=LABELS)
+            for key, (counts, total) in histograms[name].items():
+                running, buckets = 0.0, []
+                for bound, value in zip((*bounds, float("inf")), counts):
+                    running += value
+                    buckets.append(("+Inf" if bound == float("inf") else str(bound), running))
+                family.add_metric(key, buckets, total)
+            yield family
+
+
+_served: dict[str, Any] = {}
+
+
+def serve_engine_metrics() -> str | None:
+    """In the process that answers ``/metrics``: collect vitbatch's engine-side values.
+
+    Call it before the engine's processes start. Where ``PROMETHEUS_MULTIPROC_DIR``
+    is set the engine's multiprocess collector already reads vitbatch's pushed
+    values; nothing to do. Otherwise it points :data:`DIR_ENV` at a private
+    temporary directory (removed at exit) unless it is set, for the engine
+    processes to inherit, and registers a :class:`SnapshotCollector` of it in
+    ``prometheus_client``'s default registry. Idempotent.
+
+    :returns: the snapshot directory, or ``None`` (multiprocess mode, or no
+        ``prometheus_client``).
+    """
+    if os.environ.get(_MULTIPROC_ENV):
+        return None
+    try:
+        from prometheus_client import REGISTRY
+    except ImportError:
+        return None
+    with _lock:
+        directory = os.environ.get(DIR_ENV)
+        if not directory:
+            holder = tempfile.TemporaryDirectory(prefix="vitbatch-metrics-")
+            _served["tempdir"] = holder  # lives as long as this process
+            directory = os.environ[DIR_ENV] = holder.name
+        if directory not in _served:
+            collector = SnapshotCollector(directory)
+            REGISTRY.register(collector)
+            _served[directory] = collector
+            logger.debug("vitbatch: engine metrics collected from %s", directory)
+    return directory
+
+
+# -- the entry point adapters call ------------------------------------------------
+
+_warned: set[str] = set()
+
+
+def export_batcher(
+    batcher: VitBatcher, labels: Mapping[str, str], host_tier: HostTier | None = None
+) -> bool:
     """Export ``batcher``'s statistics as ``vitbatch_*`` Prometheus metrics.
 
     :param labels: values of :data:`LABELS` (e.g. ``{"model_name": ..., "tp_rank": "0"}``).
+    :param host_tier: the adapter's host tier when it is not the batcher cache's own.
     :returns: ``False`` when ``prometheus_client`` is not installed (nothing exported).
     """
     global _families
@@ -135,8 +419,28 @@ def export_batcher(batcher: VitBatcher, labels: Mapping[str, str]) -> bool:
         import prometheus_client  # noqa: F401
     except ImportError:
         return False
-    with _lock:
-        if _families is None:
-            _families = _make_families()
-        batcher.observers.append(PrometheusObserver(_families, labels))
+    directory = os.environ.get(DIR_ENV)
+    multiprocess = bool(os.environ.get(_MULTIPROC_ENV))
+    if multiprocess and not _client_is_multiprocess() and "late" not in _warned:
+        _warned.add("late")
+        logger.warning(
+            "vitbatch: PROMETHEUS_MULTIPROC_DIR was set after prometheus_client was imported "
+            "in this process, so its metrics reach no /metrics; set it before starting the engine"
+        )
+    observer: PrometheusObserver | SnapshotWriter
+    if directory and not multiprocess:
+        observer = SnapshotWriter(directory, labels, host_tier)
+    else:
+        with _lock:
+            if _families is None:
+                _families = _make_families()
+        observer = PrometheusObserver(_families, labels, host_tier)
+    batcher.observers.append(observer)
     return True
+
+
+def sync(batcher: VitBatcher) -> None:
+    """Publish ``batcher``'s current values now (an adapter's host tier moved between steps)."""
+    for observer in batcher.observers:
+        if isinstance(observer, (PrometheusObserver, SnapshotWriter)):
+            observer.sync(batcher)

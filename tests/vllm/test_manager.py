@@ -297,16 +297,17 @@ def _patched() -> bool:
     return hasattr(GPUModelRunner._execute_mm_encoder, "__vitbatch_original__")
 
 
-def test_register_is_idempotent_and_wraps_only_the_scheduler() -> None:
+def test_register_is_idempotent_and_wraps_only_the_scheduler_and_config() -> None:
+    from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.core.sched.scheduler import Scheduler
 
     worker.uninstall_worker_patches()
     adapter.register()
     adapter.register()
     assert not _patched()
-    init = Scheduler.__init__
-    assert hasattr(init, "__vitbatch_original__")
-    assert not hasattr(init.__vitbatch_original__, "__vitbatch_original__")
+    for method in (Scheduler.__init__, EngineArgs.create_engine_config):
+        assert hasattr(method, "__vitbatch_original__")
+        assert not hasattr(method.__vitbatch_original__, "__vitbatch_original__")
 
 
 def test_metadata_arriving_in_a_worker_installs_the_patch_once() -> None:
@@ -532,4 +533,6 @@ def test_missing_engine_surface_leaves_vllm_alone_with_one_line(monkeypatch, cap
 
 def test_installed_vllm_has_the_whole_surface() -> None:
     report = surface.check()
-    assert report.missing == {"scheduler": (), "runner_v1": (), "runner_v2": ()}, report
+    assert report.missing == {"config": (), "scheduler": (), "runner_v1": (), "runner_v2": ()}, (
+        report
+    )

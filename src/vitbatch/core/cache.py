@@ -46,6 +46,8 @@ class CacheStats:
     rejected: int = 0
     evictions: int = 0
     host_evictions: int = 0
+    host_demotions: int = 0
+    """evicted device entries the host tier took."""
 
 
 class DeviceTier(Protocol):
@@ -245,4 +247,5 @@ class EmbeddingCache:
             return
         evicted = self._host.put(key, tensor, self._held)
         if evicted is not None:
+            self.stats.host_demotions += 1
             self.stats.host_evictions += len(evicted)

@@ -92,6 +92,11 @@ class HostArena:
     def used(self) -> int:
         return self._index.used
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of the rows held, without the blocks' rounding (what metrics report)."""
+        return sum(entry.nbytes for entry in self._index.entries.values())
+
     def __contains__(self, key: object) -> bool:
         return key in self._index
 

@@ -36,6 +36,7 @@ from vitbatch.adapters.vllm.options import (
     MANAGER_CLASS_NAME,
     MANAGER_QUALNAME,
     VllmOptions,
+    check_config,
     configured_options,
 )
 
@@ -65,19 +66,50 @@ def _install_worker_side() -> None:
 metadata.on_arrival(_install_worker_side)
 
 
+def _on_config_built(vllm_config: Any) -> None:
+    """Where vLLM first builds its config (the serving process, before any engine
+    process starts or any model loads): check vitbatch's options, and if it is on,
+    set up the collection of its engine-side metrics for this process's ``/metrics``."""
+    if check_config(vllm_config) is None:
+        return
+    from vitbatch.metrics import serve_engine_metrics
+
+    try:
+        serve_engine_metrics()
+    except Exception:  # noqa: BLE001 - metrics are never worth a failed start
+        logger.warning("vitbatch: metrics collection not set up", exc_info=True)
+
+
+def _wrapped_create_engine_config(original: Any) -> Any:
+    def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
+        vllm_config = original(self, *args, **kwargs)
+        _on_config_built(vllm_config)  # a ValueError stops vLLM here, naming the option
+        return vllm_config
+
+    return create_engine_config
+
+
 def register() -> None:
     """``vllm.general_plugins`` entry point: loaded in every vLLM process. Idempotent.
 
     vLLM loads general plugins before any config is visible, so this only wraps
-    the ``Scheduler`` (pass-through unless its config switches vitbatch on). The
-    model-runner wrappers are installed where vitbatch is known to be on: where
-    the manager is built, and in a worker process when vitbatch's metadata
-    first arrives.
+    ``EngineArgs.create_engine_config`` (options checked as soon as the config
+    exists) and the ``Scheduler`` (pass-through unless its config switches
+    vitbatch on). The model-runner wrappers are installed where vitbatch is
+    known to be on: where the manager is built, and in a worker process when
+    vitbatch's metadata first arrives.
     """
     global _registered
     if _registered:
         return
     _registered = True
+    try:
+        from vitbatch.adapters.vllm import surface
+
+        if surface.check().ok("config"):
+            surface.wrap(surface.CREATE_ENGINE_CONFIG, _wrapped_create_engine_config)
+    except Exception:  # noqa: BLE001 - the scheduler still checks the options
+        logger.debug("vitbatch: could not hook vLLM's config building", exc_info=True)
     try:
         from vitbatch.adapters.vllm.scheduler import install_scheduler_patch
 

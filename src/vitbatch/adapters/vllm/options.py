@@ -15,6 +15,7 @@ Plain data and parsing only: importing this module imports no vLLM.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -140,11 +141,15 @@ def configured_options(vllm_config: Any) -> VllmOptions | None:
     additional = getattr(vllm_config, "additional_config", None)
     if isinstance(additional, Mapping) and CONFIG_KEY in additional:
         value = additional[CONFIG_KEY]
+        source = f'--additional-config "{CONFIG_KEY}"'
         if value is False or value is None:
             return None
-        return VllmOptions.parse(
-            {} if value is True else value, f'--additional-config "{CONFIG_KEY}"'
-        )
+        if value is not True and not isinstance(value, Mapping):
+            raise ValueError(
+                f"vitbatch options in {source}: got {value!r}; expected true (the defaults), "
+                'false or null (off), or a JSON object of options such as {"max_batch_items": 64}'
+            )
+        return VllmOptions.parse({} if value is True else value, source)
     from_env = _from_env()
     if from_env is not None:
         return from_env
@@ -155,3 +160,40 @@ def configured_options(vllm_config: Any) -> VllmOptions | None:
     ):
         return VllmOptions.parse(getattr(ec_config, "manager_config", None), "--ec-manager-config")
     return None
+
+
+_near_misses_warned: set[str] = set()
+
+
+def near_misses(vllm_config: Any) -> list[str]:
+    """Top-level ``additional_config`` keys that look like a misspelt ``vitbatch``."""
+    additional = getattr(vllm_config, "additional_config", None)
+    if not isinstance(additional, Mapping) or CONFIG_KEY in additional:
+        return []
+    return [
+        key
+        for key in additional
+        if isinstance(key, str)
+        and difflib.get_close_matches(key.lower(), [CONFIG_KEY], n=1, cutoff=0.8)
+    ]
+
+
+def check_config(vllm_config: Any) -> VllmOptions | None:
+    """vitbatch's options, checked where vLLM first builds its config (before any model loads).
+
+    Warns once per key about a top-level ``additional_config`` key close to
+    ``vitbatch`` (vitbatch then stays off, as vLLM passes the key on unread).
+
+    :raises ValueError: as :func:`configured_options`.
+    """
+    for key in near_misses(vllm_config):
+        if key not in _near_misses_warned:
+            _near_misses_warned.add(key)
+            logger.warning(
+                "vitbatch: --additional-config has key %r, not %r: vitbatch stays off "
+                "(did you mean %r?)",
+                key,
+                CONFIG_KEY,
+                CONFIG_KEY,
+            )
+    return configured_options(vllm_config)

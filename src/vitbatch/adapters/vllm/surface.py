@@ -6,7 +6,9 @@ here only, in an accessor (or wrap point) declaring the names it relies on
 (syntax: :mod:`.probing`); :func:`check` probes that list at start-up, so a
 missing name switches vitbatch off with one log line instead of failing
 mid-step, and the list cannot drift from the code. Parts, checked each on its
-own: ``scheduler`` (without it vitbatch cannot run), ``runner_v1``
+own: ``config`` (options checked where vLLM builds its config, and metrics
+collection set up in the serving process; without it, both happen later in the
+engine), ``scheduler`` (without it vitbatch cannot run), ``runner_v1``
 (``gpu_model_runner.py``: CPU, and GPU with ``VLLM_USE_V2_MODEL_RUNNER=0``),
 ``runner_v2`` (Model Runner V2, the GPU default); ``bench`` (``vitbatch
 bench-vllm`` only) is not probed.
@@ -43,7 +45,7 @@ import torch
 from vitbatch.adapters.vllm import patching, probing
 from vitbatch.adapters.vllm.probing import SurfaceReport
 
-PARTS = ("scheduler", "runner_v1", "runner_v2")
+PARTS = ("config", "scheduler", "runner_v1", "runner_v2")
 _registry = probing.Registry()
 _uses = _registry.uses
 _SCHEDULER = "vllm.v1.core.sched.scheduler:Scheduler"
@@ -96,6 +98,7 @@ def _point(part: str, spec: str) -> WrapPoint:
     return WrapPoint(module, owner, method)
 
 
+CREATE_ENGINE_CONFIG = _point("config", "vllm.engine.arg_utils:EngineArgs.create_engine_config")
 SCHEDULER_INIT = _point("scheduler", f"{_SCHEDULER}.__init__")
 SCHEDULER_SCHEDULE = _point("scheduler", f"{_SCHEDULER}.schedule")
 V1_UPDATE_STATES = _point("runner_v1", f"{_V1}._update_states")
@@ -254,9 +257,15 @@ def agree_group(runner: Any) -> Any:
     return group.cpu_group if group.world_size > 1 else None
 
 
+@_uses(_BOTH, "vllm.config:ParallelConfig().data_parallel_rank?")
 def metric_labels(runner: Any) -> dict[str, str]:
-    """Prometheus labels like vLLM's own (``model_name``) plus the worker's TP rank."""
-    labels: dict[str, str] = {"engine": "vllm"}
+    """Prometheus labels like vLLM's own (``model_name``; ``engine``: the engine index,
+    its data-parallel rank) plus the worker's TP rank."""
+    labels: dict[str, str] = {"engine": "0"}
+    try:
+        labels["engine"] = str(int(runner.vllm_config.parallel_config.data_parallel_rank))
+    except Exception:  # noqa: BLE001 - no data parallelism known: engine 0
+        pass
     try:
         labels["model_name"] = str(runner.model_config.served_model_name)
     except Exception:  # noqa: BLE001

@@ -31,12 +31,12 @@ from typing import Any
 
 import torch
 
+from vitbatch import metrics
 from vitbatch.adapters.vllm import surface
 from vitbatch.adapters.vllm.metadata import VitBatchStepMetadata
 from vitbatch.core import Budget, EmbeddingCache, Item, Span, VitBatcher
 from vitbatch.core.agreement import group_agree
 from vitbatch.core.host_arena import HostArena
-from vitbatch.metrics import export_batcher
 
 logger = logging.getLogger("vllm.vitbatch")
 
@@ -128,12 +128,12 @@ class WorkerState:
             check_finite=metadata.check_finite,
             agree=group_agree(group) if group is not None else None,
         )
-        export_batcher(self.batcher, surface.metric_labels(runner))
         self.host = new_host_arena(0)
         self.host_rows: int | None = None  # the scheduler's bound; None until configured
         self._arena_built = False
         self.missing: set[str] = set()
         self.stats = WorkerStats()
+        metrics.export_batcher(self.batcher, surface.metric_labels(runner), self.host_tier_counts)
         self.native_reason: str | None = None
         self.recorded: tuple[list[Entry], list[Any]] | None = None
         self._logged: set[str] = set()
@@ -142,6 +142,16 @@ class WorkerState:
             "vitbatch: encoder steps of this worker (model runner %s) run through vitbatch (%s)",
             runner_kind,
             self.batcher.budget,
+        )
+
+    def host_tier_counts(self) -> metrics.HostTierCounts:
+        """What this worker's host tier (the one holding the rows) did, for the metrics."""
+        return metrics.HostTierCounts(
+            hits=self.stats.host_restores,
+            demotions=self.stats.demotions,
+            drops=self.stats.host_drops,
+            entries=len(self.host),
+            bytes=self.host.row_bytes,
         )
 
     def configure(self, metadata: VitBatchStepMetadata) -> None:
@@ -269,6 +279,11 @@ def move_tiers(
     except Exception:  # noqa: BLE001 - any failure: keep serving
         state.note_error("host-tier update")
         state.missing.update(h for h in metadata.restore if h not in cache)
+    if metadata.restore or metadata.demote or metadata.drop or metadata.reset:
+        try:
+            metrics.sync(state.batcher)  # the tier moved: its counters now, not at the next call
+        except Exception:  # noqa: BLE001 - metrics never stop a step
+            state.log_once("metrics", "vitbatch: metrics update failed", exc_info=True)
 
 
 def modality_reason(modalities: Iterable[str]) -> str | None:
