@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --upgrade pip >/dev/null
-python -m pip install "torch==2.13.0" numpy transformers
+python -m pip install "torch==2.13.0" numpy transformers prometheus-client
 python -m pip install -e ".[test,bench]"
 if [ -d examples ]; then
   for pkg in examples/*/; do
