@@ -235,8 +235,8 @@ def borrow_feature(item: MultimodalDataItem, key: str | None) -> None:
     "sglang.srt.environ:envs.SGLANG_VLM_CACHE_SIZE_MB",
 )
 def embedding_cache() -> Any:
-    """SGLang's ``embedding_cache`` of the step module (sized by ``SGLANG_VLM_CACHE_SIZE_MB``, replaced
-    by ``init_mm_embedding_cache``: read it each time, never keep it), or ``None``."""
+    """SGLang's ``embedding_cache`` of the step module (sized by ``SGLANG_VLM_CACHE_SIZE_MB``,
+    replaced by ``init_mm_embedding_cache``: read it each time, never keep it), or ``None``."""
     return _mm().embedding_cache
 
 
@@ -373,8 +373,8 @@ def borrow_cuda_ipc_key() -> str | None:
 @needs(f"{STEP}:host_offload_event", part="optional")
 def host_offload_event() -> Any:
     """SGLang's pending post-forward feature copy-back (``mm_schedule.host_offload_event``,
-    0.5.21+, never in 0.5.17's ``mm_utils``; reassigned by SGLang every step, so read it each time); None where SGLang has no
-    asynchronous copy-back."""
+    0.5.21+, never in 0.5.17's ``mm_utils``; reassigned by SGLang every step, so read it each
+    time); None where SGLang has no asynchronous copy-back."""
     return getattr(_mm(), "host_offload_event", None)
 
 
