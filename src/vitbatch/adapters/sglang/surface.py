@@ -120,6 +120,7 @@ def names(part: str = "required") -> tuple[Name, ...]:
 # Hooks: where vitbatch plugs into SGLang
 # ---------------------------------------------------------------------------
 
+
 def _register(target: str, hook: Callable, kind: str) -> None:
     registry = _module(HOOKS)
     registry.HookRegistry.register(target, hook, getattr(registry.HookType, kind))
@@ -417,7 +418,6 @@ def _release(version: str) -> tuple[int, ...]:
 # ---------------------------------------------------------------------------
 # The start-up check, generated from the registrations above
 # ---------------------------------------------------------------------------
-
 
 
 def missing_piece(surface: Sequence[Name] | None = None) -> str | None:
