@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stage an SGLang *server* for the GPU machine (no package index there; Python 3.12,
 # torch 2.11.0+cu130): SGLang 0.5.17 (the newest release pinning torch 2.11.0), its
-# sglang-kernel 0.4.5 wheel (383 MB: split into parts of PART_MB, one transfer each),
+# sglang-kernel 0.4.5 wheel (383 MB: split into parts of PART_MB (55) MB, one transfer each),
 # flashinfer_python 0.6.15.post1 (the registry has no flashinfer-cubin of that version:
 # flashinfer would JIT, so the launch options below keep it off the hot path), the wheels
 # of SGLang's requirements the machine lacks (KINDS.md "Python packages already there"),
@@ -70,11 +70,12 @@ done <"$stage/need.txt"
 # Parts: sglang-kernel in PART_MB pieces; sglang, flashinfer and the rest fill further parts
 # of at most PART_MB each (a wheel larger than that is split too).
 kwheel="$(ls "$stage"/big/*.whl)"
-split -b "${part_mb}m" -d -a 2 "$kwheel" "$stage/big/kernelwhl.part"
+split -b "$((part_mb * 1000 * 1000))" -d -a 2 "$kwheel" "$stage/big/kernelwhl.part"
 n=0
 for part in "$stage"/big/kernelwhl.part*; do mkdir -p "$stage/c$n"; mv "$part" "$stage/c$n/"; n=$((n + 1)); done
+first=$n
 mv "$wheel" "$stage/deps/"
-limit=$((part_mb * 1024 * 1024)) used=0
+limit=$((part_mb * 1000 * 1000)) used=0
 mkdir -p "$stage/c$n"
 for whl in $(ls -S "$stage"/deps/*.whl); do
   size=$(stat -c %s "$whl")
@@ -93,8 +94,8 @@ mkdir -p /tmp/stage && cp .stage/sglang/cK/* /tmp/stage/
 # the last part, carry [".stage/sglang/c$last"]:
 mkdir -p /tmp/stage && cp .stage/sglang/c$last/* /tmp/stage/ && cat /tmp/stage/kernelwhl.part* > /tmp/stage/$kname && echo "$sha  /tmp/stage/$kname" | sha256sum -c && rm /tmp/stage/kernelwhl.part* && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/stage/*.whl && PYTHONPATH=/tmp/site python3 -c "import sgl_kernel, flashinfer, sglang.srt.entrypoints.http_server, sglang.srt.managers.scheduler; from importlib.metadata import version; print('sglang', version('sglang'), 'vitbatch', version('vitbatch'))"
 # then (same warm machine):
-export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:\$PATH
-SERVE_ARGS="--attention-backend triton --sampling-backend pytorch" scripts/bench_sglang_serve.sh "" \$OUT/bench-sglang
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+SERVE_ARGS="--attention-backend triton --sampling-backend pytorch --mm-attention-backend sdpa" PROMPTS=96 scripts/bench_sglang_serve.sh "" \$OUT/bench-sglang
 CMD
-echo "staged sglang $version: $kname in parts c0..c$((last - 1)); sglang, flashinfer, vitbatch and $(wc -l <"$stage/need.txt") dependency wheels in c$((last))"
+echo "staged sglang $version: $kname in parts c0..c$((first - 1)); sglang, flashinfer, vitbatch and $(wc -l <"$stage/need.txt") dependency wheels in c$first..c$last"
 cat "$stage/device_commands.txt"
