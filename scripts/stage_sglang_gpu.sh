@@ -1,52 +1,101 @@
 #!/usr/bin/env bash
-# Stage what `vitbatch bench --engine sglang` needs on the GPU machine (no package
-# index there, torch 2.11, Python 3.12): the sglang 0.5.23 wheel and the wheels of
-# the distributions SGLang's multimodal step imports that the machine lacks, all
-# --no-deps, into /work/main/.stage/ (git-ignored), plus the one-line device command.
-# sgl_kernel is NOT staged (its wheel is tied to torch 2.14): the bench installs a
-# stand-in that fails loudly if any of its names is called.
+# Stage an SGLang *server* for the GPU machine (no package index there; Python 3.12,
+# torch 2.11.0+cu130): SGLang 0.5.17 (the newest release pinning torch 2.11.0), its
+# sglang-kernel 0.4.5 wheel (383 MB: split into parts of PART_MB (55) MB, one transfer each),
+# flashinfer_python 0.6.15.post1 (the registry has no flashinfer-cubin of that version:
+# flashinfer would JIT, so the launch options below keep it off the hot path), the wheels
+# of SGLang's requirements the machine lacks (KINDS.md "Python packages already there"),
+# and a vitbatch wheel (SGLang finds plugins through installed entry points). All --no-deps.
 #
-# Usage: scripts/stage_sglang_gpu.sh [STAGE_DIR]     (default /work/main/.stage)
+# Usage: scripts/stage_sglang_gpu.sh [SGLANG_VERSION] [STAGE_DIR]   (0.5.17, ./.stage/sglang)
+# Then, on the device, one `run` per part c0..cN (carry [".stage/sglang/cK"]), each copying
+# its files to /tmp/stage; the last call joins, checks and installs (the printed commands).
+#
+# `vitbatch bench --engine sglang` (the function-level check, SGLang 0.5.23 with a stand-in
+# sgl_kernel) is staged by scripts/stage_sglang_wheels.py; this script stages the server.
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
-stage="${1:-/work/main/.stage}"
-env_python="${SGLANG_ENV_PYTHON:-/work/envs/sglang/bin/python}"
+version="${1:-0.5.17}"
+stage="${2:-$here/.stage/sglang}"
+py="${PYTHON:-python3}"
 kinds="${KINDS_MD:-/work/.library/device/KINDS.md}"
-platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
-  --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_24_x86_64
-  --platform manylinux_2_31_x86_64 --platform manylinux_2_34_x86_64 --platform manylinux_2_35_x86_64)
+part_mb="${PART_MB:-55}"
+kernel="${SGLANG_KERNEL:-sglang-kernel==0.4.5}"
+flashinfer="${FLASHINFER:-flashinfer_python==0.6.15.post1}"
+platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
+  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64
+  --platform manylinux_2_24_x86_64 --platform manylinux_2_31_x86_64 --platform manylinux_2_34_x86_64
+  --platform manylinux_2_35_x86_64)
+target=(--only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}")
 
-mkdir -p "$stage/whl"
-rm -f "$stage"/whl/*.whl
-have="$(mktemp)"
-# The machine's packages: the list after "Packages:" in KINDS.md's "Python packages already there".
-sed -n '/^## Python packages already there/,/^## /p' "$kinds" | grep -o 'Packages: .*' | sed 's/^Packages: //; s/\.$//' >"$have"
-test -s "$have" || { echo "no package list found in $kinds" >&2; exit 1; }
+rm -rf "$stage" && mkdir -p "$stage/dl" "$stage/deps" "$stage/big"
+"$py" -m pip download -q --no-deps "${target[@]}" -d "$stage/dl" "sglang==$version"
+wheel="$(ls "$stage"/dl/sglang-"$version"-*.whl)"
+"$py" -m pip download -q --no-deps "${target[@]}" -d "$stage/big" "$kernel"
+"$py" -m pip download -q --no-deps "${target[@]}" --platform any -d "$stage/deps" "$flashinfer"
 
-PYTHONPATH="$here/src" "$env_python" "$here/scripts/stage_sglang_wheels.py" --have "$have" >"$stage/requirements.txt"
-echo "sglang==0.5.23" >>"$stage/requirements.txt"
-rm -f "$have"
-
+# The machine's packages (KINDS.md), and SGLang's requirements that are not among them.
+have="$stage/have.txt"
+sed -n '/^## Python packages already there/,/^## /p' "$kinds" | grep -o 'Packages: .*' \
+  | sed 's/^Packages: //; s/\.$//' | tr ',' '\n' | sed 's/^ *//; s/ *$//' \
+  | tr 'A-Z_.' 'a-z--' | sort -u >"$have"
+test -s "$have" || { echo "no package list in $kinds" >&2; exit 1; }
+# torch & co. and CUDA are the machine's own; sglang-kernel and flashinfer are staged above;
+# the rest are kernel packages the server path below imports only when an option asks for
+# them (other attention/MoE/quantization backends, DeepGEMM, FA4, helion, tilelang), or
+# tools it does not need (py-spy, modelscope, smg-grpc-servicer: the gRPC server).
+unzip -p "$wheel" '*/METADATA' | sed -n 's/^Requires-Dist: //p' | grep -v 'extra ==' \
+  | grep -viE '^(torch|torchvision|torchaudio|torchcodec|torchao|torch_memory_saver|triton|nvidia-|cuda-|sglang-kernel|flashinfer|flash-attn|sgl-deep-gemm|helion|humming-kernels|tilelang|tokenspeed|quack-kernels|kernels|py-spy|modelscope|smg-grpc)' \
+  >"$stage/requires.txt"
+"$py" -m pip install -q --dry-run --ignore-installed --report "$stage/all.json" \
+  "${target[@]}" --target "$stage/unused" -r "$stage/requires.txt" >/dev/null 2>"$stage/resolve.log"
+"$py" - "$stage/all.json" "$have" >"$stage/need.txt" <<'PY'
+import json, re, sys
+report = json.load(open(sys.argv[1]))
+have = set(open(sys.argv[2]).read().split())
+# pulled in again by the requirements above: the machine's own torch/CUDA stack
+skip = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia-.*|cuda-.*|z3-solver|pyelftools)$")
+for item in report["install"]:
+    meta = item["metadata"]
+    name = re.sub(r"[-_.]+", "-", meta["name"]).lower()
+    if name not in have and not skip.match(name):
+        print(f"{name}=={meta['version']}")
+PY
 while read -r req; do
-  "$env_python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    "${platforms[@]}" -d "$stage/whl" "$req" \
-  || "$env_python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-    --platform any -d "$stage/whl" "$req"
-done <"$stage/requirements.txt"
+  "$py" -m pip download -q --no-deps "${target[@]}" -d "$stage/deps" "$req" \
+    || "$py" -m pip download -q --no-deps --platform any --python-version 3.12 -d "$stage/deps" "$req"
+done <"$stage/need.txt"
+(cd "$here" && "$py" -m pip wheel -q --no-deps -w "$stage/deps" .)
 
-size=$(du -sm "$stage/whl" | cut -f1)
-count=$(ls "$stage/whl"/*.whl | wc -l)
-echo "staged $count wheels, ${size} MiB, in $stage/whl"
-if [ "$size" -gt 60 ]; then echo "over the 60 MiB budget" >&2; exit 1; fi
-
-# The device commands (run from the repository root with carry [".stage"]; .stage/ is
-# git-ignored there). Two lines, each one device call inside the 10-minute limit:
-# the H100 encodes ~35 mixed images/s, so mixed (20 waves of ~80 images) takes ~46 s
-# a pass and runs with one timed pass; the others with two. The JSON is rewritten
-# after every workload, so a call stopped at its limit keeps what it finished.
-cat >"$stage/device_command.txt" <<'CMD'
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .stage/whl/*.whl && export PYTHONPATH=$PWD/src:/tmp/site PYTHONUNBUFFERED=1 || exit; set -o pipefail; python3 -m vitbatch bench --engine sglang --device cuda --encoder qwen2.5-vl-7b --workload small tiny large mixed-chunked --steps 20 --repeat 2 --no-progress --json $OUT/bench_sglang_a.json 2>&1 | tee $OUT/bench_sglang_a.log
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .stage/whl/*.whl && export PYTHONPATH=$PWD/src:/tmp/site PYTHONUNBUFFERED=1 || exit; set -o pipefail; python3 -m vitbatch bench --engine sglang --device cuda --encoder qwen2.5-vl-7b --workload mixed --steps 20 --repeat 1 --no-progress --json $OUT/bench_sglang_mixed.json 2>&1 | tee $OUT/bench_sglang_mixed.log
+# Parts: sglang-kernel in PART_MB pieces; sglang, flashinfer and the rest fill further parts
+# of at most PART_MB each (a wheel larger than that is split too).
+kwheel="$(ls "$stage"/big/*.whl)"
+split -b "$((part_mb * 1000 * 1000))" -d -a 2 "$kwheel" "$stage/big/kernelwhl.part"
+n=0
+for part in "$stage"/big/kernelwhl.part*; do mkdir -p "$stage/c$n"; mv "$part" "$stage/c$n/"; n=$((n + 1)); done
+first=$n
+mv "$wheel" "$stage/deps/"
+limit=$((part_mb * 1000 * 1000)) used=0
+mkdir -p "$stage/c$n"
+for whl in $(ls -S "$stage"/deps/*.whl); do
+  size=$(stat -c %s "$whl")
+  if ((size > limit)); then echo "$whl is over ${part_mb} MB: split it too" >&2; exit 1; fi
+  if ((used + size > limit)); then n=$((n + 1)) used=0; mkdir -p "$stage/c$n"; fi
+  mv "$whl" "$stage/c$n/" && used=$((used + size))
+done
+sha="$(sha256sum "$kwheel" | cut -d' ' -f1)"
+kname="$(basename "$kwheel")"
+rm -rf "$stage/dl" "$stage/unused" "$stage/deps" "$stage/big"
+du -sh "$stage"/c* | sed 's/^/  /'
+last=$n
+cat >"$stage/device_commands.txt" <<CMD
+# each part K in 0..$((last - 1)), carry [".stage/sglang/cK"]:
+mkdir -p /tmp/stage && cp .stage/sglang/cK/* /tmp/stage/
+# the last part, carry [".stage/sglang/c$last"]:
+mkdir -p /tmp/stage && cp .stage/sglang/c$last/* /tmp/stage/ && cat /tmp/stage/kernelwhl.part* > /tmp/stage/$kname && echo "$sha  /tmp/stage/$kname" | sha256sum -c && rm /tmp/stage/kernelwhl.part* && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/stage/*.whl && PYTHONPATH=/tmp/site python3 -c "import sgl_kernel, flashinfer, sglang.srt.entrypoints.http_server, sglang.srt.managers.scheduler; from importlib.metadata import version; print('sglang', version('sglang'), 'vitbatch', version('vitbatch'))"
+# then (same warm machine):
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+SERVE_ARGS="--attention-backend triton --sampling-backend pytorch --mm-attention-backend sdpa" PROMPTS=96 scripts/bench_sglang_serve.sh "" \$OUT/bench-sglang
 CMD
-echo "device commands (one per line, longest $(awk '{ print length }' "$stage/device_command.txt" | sort -n | tail -1) chars; carry [\".stage\"]):"
-cat "$stage/device_command.txt"
+echo "staged sglang $version: $kname in parts c0..c$((first - 1)); sglang, flashinfer, vitbatch and $(wc -l <"$stage/need.txt") dependency wheels in c$first..c$last"
+cat "$stage/device_commands.txt"

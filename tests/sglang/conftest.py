@@ -1,4 +1,4 @@
-"""Shared builders for tests against the real SGLang (0.5.19 to 0.5.23).
+"""Shared builders for tests against the real SGLang (0.5.17 to 0.5.23).
 
 Steps are built from real ``MultimodalDataItem``s with real pad values
 (``set_hash``), laid out in token sequences the way SGLang's tokenizer manager
@@ -7,6 +7,7 @@ does, and run through SGLang's own ``get_embedding_and_mask``.
 
 from __future__ import annotations
 
+import importlib
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,11 +16,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-mm_schedule = pytest.importorskip("sglang.srt.managers.mm_schedule")
+pytest.importorskip("sglang.srt.managers.mm_utils")
 from sglang.srt.managers.schedule_batch import Modality, MultimodalDataItem  # noqa: E402
 
 from vitbatch.adapters import sglang as adapter  # noqa: E402
-from vitbatch.adapters.sglang import entry  # noqa: E402
+from vitbatch.adapters.sglang import entry, surface  # noqa: E402
+
+# The module holding SGLang's step in the installed release: ``mm_schedule`` (0.5.18+) or
+# ``mm_utils`` (0.5.17); the tests keep the newer name for it.
+mm_schedule = importlib.import_module(surface.step_module_name())
+# SGLang 0.5.19+ looks up and deduplicates per-image items by hash *and* token count;
+# 0.5.17 and 0.5.18 by hash alone, so there one hash with two token counts (a collision that
+# content hashes do not make) gives SGLang's own path a wrong-length embedding ("Insufficient
+# multimodal embedding length ... internal error"). Steps compared with SGLang's path then
+# keep one layout per hash. (vitbatch keys by both on every release.)
+KEYS_BY_TOKEN_COUNT = hasattr(mm_schedule, "_discard_mismatched_cached_embedding")
 
 HIDDEN = 8
 FEATURE_DIM = 4
@@ -155,7 +166,8 @@ def random_requests(rng: random.Random, pool: int = 6) -> list[RequestSpec]:
     ``get_embedding_and_mask`` once per modality): several requests, 0-4 items
     each, repeated hashes, windows cutting items. Audio items may have several
     runs (SGLang's per-image path); video items with several runs send their
-    request down SGLang's per-request "full" path."""
+    request down SGLang's per-request "full" path. Where SGLang keys by hash alone
+    (:data:`KEYS_BY_TOKEN_COUNT` false), an item's layout follows from its hash."""
     modality = rng.choices([Modality.IMAGE, Modality.AUDIO, Modality.VIDEO], weights=[6, 2, 2])[0]
     requests = []
     for _ in range(rng.randint(1, 5)):
@@ -164,10 +176,11 @@ def random_requests(rng: random.Random, pool: int = 6) -> list[RequestSpec]:
         for _ in range(rng.randint(0, 4)):
             hash_ = rng.randint(1, pool)
             runs_count = 1 if modality == Modality.IMAGE else rng.choice([1, 1, 2, 3])
-            tokens = rng.choice([2, 3, 4, 6, 9, 16]) if runs_count == 1 else None
+            layout = rng if KEYS_BY_TOKEN_COUNT else random.Random(hash_ * 10 + runs_count)
+            tokens = layout.choice([2, 3, 4, 6, 9, 16]) if runs_count == 1 else None
             runs = []
             for _ in range(runs_count):
-                length = tokens if tokens is not None else rng.randint(1, 5)
+                length = tokens if tokens is not None else layout.randint(1, 5)
                 runs.append((position, position + length - 1))
                 position += length + rng.randint(1, 4)
             specs.append(ItemSpec(hash_ * 10 + runs_count, modality, runs))

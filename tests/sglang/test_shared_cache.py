@@ -38,7 +38,7 @@ from vitbatch import hookimpl
 from vitbatch.adapters import sglang as adapter
 from vitbatch.adapters.sglang import state as adapter_state
 from vitbatch.adapters.sglang import surface
-from vitbatch.core.agreement import start_flags
+from vitbatch.core.agreement import GroupAgreement, start_flags
 from vitbatch.plugin import make_plugin_manager
 from vitbatch.plugin.manager import DEFAULTS_NAME
 
@@ -352,7 +352,7 @@ def test_ranks_encode_the_union_of_their_misses(native_and_plugin, local, peer, 
     items = [image(191, 2), image(192, 9)]
     state = adapter.reset_state(adapter.Settings(enabled=True))
     agree = peer_agree(peer)
-    state.batcher.agree = agree
+    state.batcher.agreement = GroupAgreement(agree)
     encoder = FakeEncoder()
     with active(patched):
         cached = {spec.hash: prefill(spec, 0.5 + spec.hash) for spec in items if spec.hash in local}

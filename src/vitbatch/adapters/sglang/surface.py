@@ -2,20 +2,24 @@
 
 Why: these names are not SGLang's public API and move between releases. Each is
 touched by exactly one accessor below, and each accessor is registered with the
-names it needs (:func:`needs`); :data:`SURFACE`, which the start-up check walks,
+names it needs (:func:`needs`); :func:`names`, which the start-up check walks,
 is generated from those registrations, so the check cannot drift from the code.
 A rename becomes one clear log line ("vitbatch is off: SGLang X lacks Y") at
 enable time instead of a failure inside the first multimodal step. No other
 module of vitbatch imports ``sglang``.
 
-Supported: SGLang 0.5.19 to 0.5.23 (docs/sglang.md, "Supported versions"). Names
+Supported: SGLang 0.5.17 to 0.5.23 (docs/sglang.md, "Supported versions"). Names
 every supported release has are required; ``optional`` ones are feature probes
-for what differs inside that range, each named after what SGLang does.
+for what differs inside that range, each named after what SGLang does. Where a
+supported release keeps a required name somewhere else (the step's module, the
+argument-resolution method), the name is written with a placeholder (``{step}``,
+``{resolution}``) that a probe fills in: one accessor, never a copy per release.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -31,7 +35,9 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 Name = tuple[str, "str | None"]  # (module, dotted attribute or None: "the module imports")
 
-MM_SCHEDULE = "sglang.srt.managers.mm_schedule"
+MM_SCHEDULE = "sglang.srt.managers.mm_schedule"  # the multimodal step, 0.5.18+
+MM_UTILS = "sglang.srt.managers.mm_utils"  # the multimodal step, 0.5.17 (and the embed routine)
+STEP = "{step}"  # whichever of the two holds the step: step_module_name()
 MM_CACHE = "sglang.srt.mem_cache.multimodal_cache"
 HOOKS = "sglang.srt.plugins.hook_registry"
 ITEM = "sglang.srt.managers.schedule_batch"
@@ -46,7 +52,8 @@ CACHE_FIELDS: list[str] = []  # instance attributes of MultiModalStaticCache, ch
 def needs(
     *names: str, part: str = "required", cache_fields: Sequence[str] = ()
 ) -> Callable[[F], F]:
-    """Register an accessor with the SGLang names (``"module:Attr.path"``) it touches."""
+    """Register an accessor with the SGLang names (``"module:Attr.path"``) it touches; a
+    ``{probe}`` placeholder is filled in by that probe when the names are read (:func:`names`)."""
 
     def record(accessor: F) -> F:
         parsed = tuple((m, a or None) for m, _, a in (name.partition(":") for name in names))
@@ -62,14 +69,56 @@ def _module(name: str) -> Any:
 
 
 def _mm() -> Any:
-    return _module(MM_SCHEDULE)
+    """The module that holds SGLang's multimodal step in the installed release."""
+    return _module(step_module_name())
+
+
+@cache
+def step_module_name() -> str:
+    """Where SGLang keeps its multimodal step (``get_embedding_and_mask``,
+    ``_get_chunked_prefill_embedding``, ``embedding_cache``...): ``mm_schedule`` where that
+    module exists (0.5.18+), else ``mm_utils`` (0.5.17, before the step was split out; there
+    ``mm_utils`` defines the same functions). Only the module's presence is probed: whether
+    it has every name is the start-up check's job."""
+    try:
+        split_out = importlib.util.find_spec(MM_SCHEDULE) is not None
+    except ImportError:  # no SGLang at all: the check then names the newer module as missing
+        split_out = True
+    return MM_SCHEDULE if split_out else MM_UTILS
+
+
+@cache
+def resolution_method() -> str:
+    """Where SGLang resolves its arguments before any model or process starts:
+    ``ServerArgs.resolve_once`` (0.5.19+, where constructing ``ServerArgs`` leaves them
+    unresolved), else the dataclass's ``__post_init__`` (0.5.17, 0.5.18: constructing
+    resolves them). Every launch route goes through it."""
+    server_args = _module(ARGS).ServerArgs
+    return "resolve_once" if hasattr(server_args, "resolve_once") else "__post_init__"
+
+
+PROBES: dict[str, Callable[[], str]] = {"step": step_module_name, "resolution": resolution_method}
+
+
+def _filled(text: str) -> str:
+    return re.sub(r"\{(\w+)\}", lambda match: PROBES[match.group(1)](), text)
+
+
+def names(part: str = "required") -> tuple[Name, ...]:
+    """The SGLang names one part touches in the installed release (placeholders filled in),
+    each once, in registration order."""
+    return tuple(
+        dict.fromkeys(
+            (_filled(module), _filled(attribute) if attribute else None)
+            for registered in PARTS[part].values()
+            for module, attribute in registered
+        )
+    )
 
 
 # ---------------------------------------------------------------------------
 # Hooks: where vitbatch plugs into SGLang
 # ---------------------------------------------------------------------------
-
-CHUNKED_PREFILL = f"{MM_SCHEDULE}._get_chunked_prefill_embedding"
 
 
 def _register(target: str, hook: Callable, kind: str) -> None:
@@ -89,17 +138,18 @@ def hook_cli(after_add_cli_args: Callable, after_from_cli_args: Callable) -> Non
     _register(f"{ARGS}.ServerArgs.from_cli_args", after_from_cli_args, "AFTER")
 
 
-@needs(f"{HOOKS}:HookType.BEFORE", f"{ARGS}:ServerArgs.resolve_once")
+@needs(f"{HOOKS}:HookType.BEFORE", f"{ARGS}:ServerArgs.{{resolution}}")
 def hook_server_args_resolution(before: Callable) -> None:
-    """A BEFORE hook on ``ServerArgs.resolve_once``, which every launch route calls before any
-    model or process starts, outside the plugin loader (that swallows what a plugin raises)."""
-    _register(f"{ARGS}.ServerArgs.resolve_once", before, "BEFORE")
+    """A BEFORE hook on where ``ServerArgs`` resolves (:func:`resolution_method`), which every
+    launch route goes through before any model or process starts, outside the plugin loader
+    (that swallows what a plugin raises)."""
+    _register(f"{ARGS}.ServerArgs.{resolution_method()}", before, "BEFORE")
 
 
-@needs(f"{HOOKS}:HookType.AROUND", f"{MM_SCHEDULE}:_get_chunked_prefill_embedding")
+@needs(f"{HOOKS}:HookType.AROUND", f"{STEP}:_get_chunked_prefill_embedding")
 def hook_chunked_prefill(around: Callable) -> None:
     """An AROUND hook on SGLang's step embedding of every request's multimodal items."""
-    _register(CHUNKED_PREFILL, around, "AROUND")
+    _register(f"{step_module_name()}._get_chunked_prefill_embedding", around, "AROUND")
 
 
 @needs(f"{HOOKS}:HookRegistry.apply_hooks")
@@ -108,15 +158,15 @@ def apply_hooks() -> None:
     _module(HOOKS).HookRegistry.apply_hooks()
 
 
-@needs(f"{MM_SCHEDULE}:_get_chunked_prefill_embedding")
+@needs(f"{STEP}:_get_chunked_prefill_embedding")
 def chunked_prefill_function() -> Callable:
-    """What ``mm_schedule._get_chunked_prefill_embedding`` names now (patched or not)."""
+    """What the step module's ``_get_chunked_prefill_embedding`` names now (patched or not)."""
     return _mm()._get_chunked_prefill_embedding
 
 
-@needs(f"{MM_SCHEDULE}:_get_chunked_prefill_embedding", part="bench")
+@needs(f"{STEP}:_get_chunked_prefill_embedding", part="bench")
 def set_chunked_prefill_function(function: Callable) -> None:
-    """Make ``mm_schedule._get_chunked_prefill_embedding`` name ``function`` (the benchmark)."""
+    """Make the step module's ``_get_chunked_prefill_embedding`` name ``function`` (the bench)."""
     _mm()._get_chunked_prefill_embedding = function
 
 
@@ -125,19 +175,19 @@ def set_chunked_prefill_function(function: Callable) -> None:
 # ---------------------------------------------------------------------------
 
 
-@needs(f"{MM_SCHEDULE}:_get_chunked_embedding_full")
+@needs(f"{STEP}:_get_chunked_embedding_full")
 def chunked_embedding_full(*args: Any) -> tuple[torch.Tensor | None, torch.Tensor]:
     """SGLang's per-request "full" path (multi-run items, EVS), arguments as SGLang passes them."""
     return _mm()._get_chunked_embedding_full(*args)
 
 
-@needs(f"{MM_SCHEDULE}:_can_skip_pre_embed_feature_move")
+@needs(f"{STEP}:_can_skip_pre_embed_feature_move")
 def can_skip_feature_move(data_embedding_func: Callable) -> bool:
     """Whether the model moves features to the device itself (SGLang then does not)."""
     return bool(_mm()._can_skip_pre_embed_feature_move(data_embedding_func))
 
 
-@needs(f"{MM_SCHEDULE}:get_embedding_and_mask", part="bench")
+@needs(f"{STEP}:get_embedding_and_mask", part="bench")
 def get_embedding_and_mask(*args: Any) -> Any:
     """SGLang's whole multimodal embedding of one modality call (the benchmark, the tests)."""
     return _mm().get_embedding_and_mask(*args)
@@ -181,19 +231,19 @@ def borrow_feature(item: MultimodalDataItem, key: str | None) -> None:
 
 
 @needs(
-    f"{MM_SCHEDULE}:embedding_cache",
-    f"{MM_SCHEDULE}:init_mm_embedding_cache",
+    f"{STEP}:embedding_cache",
+    f"{STEP}:init_mm_embedding_cache",
     "sglang.srt.environ:envs.SGLANG_VLM_CACHE_SIZE_MB",
 )
 def embedding_cache() -> Any:
-    """SGLang's ``mm_schedule.embedding_cache`` (sized by ``SGLANG_VLM_CACHE_SIZE_MB``, replaced
-    by ``init_mm_embedding_cache``: read it each time, never keep it), or ``None``."""
+    """SGLang's ``embedding_cache`` of the step module (sized by ``SGLANG_VLM_CACHE_SIZE_MB``,
+    replaced by ``init_mm_embedding_cache``: read it each time, never keep it), or ``None``."""
     return _mm().embedding_cache
 
 
-@needs(f"{MM_SCHEDULE}:embedding_cache", part="bench")
+@needs(f"{STEP}:embedding_cache", part="bench")
 def set_embedding_cache(cache: Any) -> None:
-    """Make ``mm_schedule.embedding_cache`` name ``cache`` (the benchmark's per-mode cache)."""
+    """Make the step module's ``embedding_cache`` name ``cache`` (the bench's per-mode cache)."""
     _mm().embedding_cache = cache
 
 
@@ -321,22 +371,22 @@ def borrow_cuda_ipc_key() -> str | None:
     return getattr(module, "BORROW_CUDA_IPC_FEATURE_KEY", None)
 
 
-@needs(f"{MM_SCHEDULE}:host_offload_event", part="optional")
+@needs(f"{STEP}:host_offload_event", part="optional")
 def host_offload_event() -> Any:
     """SGLang's pending post-forward feature copy-back (``mm_schedule.host_offload_event``,
-    0.5.21+; reassigned by SGLang every step, so read it each time); None where SGLang has no
-    asynchronous copy-back."""
+    0.5.21+, never in 0.5.17's ``mm_utils``; reassigned by SGLang every step, so read it each
+    time); None where SGLang has no asynchronous copy-back."""
     return getattr(_mm(), "host_offload_event", None)
 
 
-@needs(f"{MM_SCHEDULE}:host_offload_event", part="bench")
+@needs(f"{STEP}:host_offload_event", part="bench")
 def set_host_offload_event(event: Any) -> None:
-    """Make ``mm_schedule.host_offload_event`` name ``event`` (the benchmark's copy-back)."""
+    """Make the step module's ``host_offload_event`` name ``event`` (the bench's copy-back)."""
     _mm().host_offload_event = event
 
 
 @cache
-@needs(f"{MM_SCHEDULE}:_get_chunked_embedding_by_item")
+@needs(f"{STEP}:_get_chunked_embedding_by_item")
 def audio_runs_per_image() -> bool:
     """Whether SGLang's per-image path takes audio items with several runs (0.5.22+).
 
@@ -369,13 +419,15 @@ def _release(version: str) -> tuple[int, ...]:
 # The start-up check, generated from the registrations above
 # ---------------------------------------------------------------------------
 
-SURFACE: tuple[Name, ...] = tuple(
-    dict.fromkeys(name for names in PARTS["required"].values() for name in names)
-)
 
-
-def missing_piece(surface: tuple[Name, ...] = SURFACE) -> str | None:
-    """The first missing name as ``module.attribute``, or None when the whole surface is there."""
+def missing_piece(surface: Sequence[Name] | None = None) -> str | None:
+    """The first missing name as ``module.attribute``, or None when the whole surface is there
+    (default: every required name, :func:`names`)."""
+    if surface is None:
+        try:
+            surface = names("required")
+        except Exception:  # noqa: BLE001 - a probe that cannot run: no usable server_args
+            return ARGS
     for module_name, attribute in surface:
         try:
             target: Any = importlib.import_module(module_name)
@@ -398,10 +450,11 @@ def embedding_cache_problem() -> str | None:
     return None
 
 
-def surface_problem(surface: tuple[Name, ...] = SURFACE) -> str | None:
-    """One log line naming the missing piece and the SGLang version, or None when all is there."""
+def surface_problem(surface: Sequence[Name] | None = None) -> str | None:
+    """One log line naming the missing piece and the SGLang version, or None when all is there
+    (default: every required name and the embedding cache's fields)."""
     missing = missing_piece(surface)
-    if missing is None and surface is SURFACE:
+    if missing is None and surface is None:
         try:
             missing = embedding_cache_problem()
         except Exception as error:  # noqa: BLE001 - an unusable cache class is a missing piece
@@ -410,5 +463,5 @@ def surface_problem(surface: tuple[Name, ...] = SURFACE) -> str | None:
         return None
     return (
         f"vitbatch is off: SGLang {sglang_version()} lacks {missing}, which the adapter needs "
-        "(supported: SGLang 0.5.19 to 0.5.23); SGLang's native multimodal path serves every step"
+        "(supported: SGLang 0.5.17 to 0.5.23); SGLang's native multimodal path serves every step"
     )
