@@ -15,13 +15,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 pytest.importorskip("vllm")
 
 from vllm.config import ECTransferConfig  # noqa: E402 - after the importorskip
 
 from tests.vllm.test_manager import (  # noqa: E402
+    SCHEDULER_RUNS,
     SIZES,
     assert_accounting,
     end_step,
@@ -56,18 +56,7 @@ def block_arena(monkeypatch):
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    steps=st.lists(
-        st.tuples(
-            st.lists(st.lists(st.sampled_from(sorted(SIZES)), min_size=1, max_size=3), max_size=3),
-            st.lists(st.integers(0, 7), max_size=3),
-        ),
-        min_size=1,
-        max_size=12,
-    ),
-    cache_size=st.integers(8, 20),
-    host_capacity=st.integers(0, 20),
-)
+@given(**SCHEDULER_RUNS)
 def test_block_arena_restores_equal_rows(steps, cache_size, host_capacity) -> None:
     """Scheduler manager + worker moves through arena blocks: the arena holds exactly
     what the index lists, and everything the scheduler counts as cached is on the

@@ -382,11 +382,8 @@ def test_worker_mirrors_demote_restore_drop() -> None:
 
 
 SIZES = {f"h{i}": size for i, size in enumerate([3, 5, 8, 2, 6, 4, 7])}
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    steps=st.lists(
+SCHEDULER_RUNS = {
+    "steps": st.lists(
         st.tuples(
             st.lists(st.lists(st.sampled_from(sorted(SIZES)), min_size=1, max_size=3), max_size=3),
             st.lists(st.integers(0, 7), max_size=3),
@@ -394,9 +391,14 @@ SIZES = {f"h{i}": size for i, size in enumerate([3, 5, 8, 2, 6, 4, 7])}
         min_size=1,
         max_size=12,
     ),
-    cache_size=st.integers(8, 20),
-    host_capacity=st.integers(0, 20),
-)
+    "cache_size": st.integers(8, 20),
+    "host_capacity": st.integers(0, 20),
+}
+"""Steps of (requests' item sizes, finished requests) against a cache and host bound."""
+
+
+@settings(max_examples=60, deadline=None)
+@given(**SCHEDULER_RUNS)
 def test_worker_always_holds_what_the_scheduler_counts_as_cached(
     steps, cache_size, host_capacity
 ) -> None:
