@@ -138,24 +138,36 @@ def stats() -> dict[str, Any]:
         from vitbatch.adapters.vllm.scheduler import SchedulerStats, managers
     except ImportError:  # no vLLM here: nothing ran
         return {"scheduler": {}, "worker": {}}
+    from vitbatch.core.prefetch import PrefetchStats
+
     total = asdict(SchedulerStats())
+    planned = asdict(PrefetchStats())
     for manager in list(managers):
         for name, value in asdict(manager.stats).items():
             total[name] += value
-    scheduler_totals = total
+        if manager.prefetch is not None:
+            for name, value in asdict(manager.prefetch.ledger.stats).items():
+                planned[name] += value
+    scheduler_totals = {**total, "prefetch": planned}
     from vitbatch.adapters.vllm.worker_state import merged_stats, states
 
     all_states = list(states)
     worker, kinds = merged_stats(all_states)
     batcher = Totals()
+    pools = asdict(PrefetchStats())
     for state in all_states:
         batcher.merge(state.batcher.totals)
+        if state.prefetch is not None:
+            for name, value in asdict(state.prefetch.stats).items():
+                pools[name] += value
     return {
         "scheduler": scheduler_totals,
         "worker": {
             **asdict(worker),
             "steps_by_runner": dict(kinds),
             "host_entries": sum(len(state.host) for state in all_states),
+            "prefetch": pools,
+            "prefetch_entries": sum(len(s.prefetch) for s in all_states if s.prefetch is not None),
             "batcher": batcher.as_dict(),
         },
     }

@@ -31,6 +31,23 @@ def on_arrival(callback: Callable[[], Any]) -> None:
 
 
 @dataclass(frozen=True)
+class PrefetchOrder:
+    """One item of a waiting request to encode ahead of its admission.
+
+    The worker has not seen the request yet (it learns of a request when it is
+    scheduled), so the order carries the item's inputs: vLLM's
+    ``MultiModalKwargsItem`` as the scheduler's ``Request`` holds it (pickled
+    with the step on multiprocess executors, shared by reference in-process).
+    """
+
+    mm_hash: str
+    modality: str
+    num_embeds: int
+    cost: int
+    data: Any
+
+
+@dataclass(frozen=True)
 class VitBatchStepMetadata:
     """One step's instructions from the scheduler's manager to every worker.
 
@@ -44,6 +61,11 @@ class VitBatchStepMetadata:
     :ivar reset: clear the host tier first (vLLM reset its encoder cache).
     :ivar host_capacity_embeds: the scheduler's bound on the host tier, in embedding
         rows (0: no host tier); the workers size their host arenas from it.
+    :ivar prefetch: items of waiting requests to encode now, into the prefetch pool.
+    :ivar prefetch_consume: pool entries an admitted request uses: they move into
+        vLLM's encoder cache (the scheduler counted them as cached).
+    :ivar prefetch_release: pool entries no waiting request needs any more.
+    :ivar prefetch_pool_bytes: the pool's bound on each worker (0: prefetch off).
     """
 
     restore: tuple[str, ...] = ()
@@ -54,6 +76,10 @@ class VitBatchStepMetadata:
     max_batch_items: int | None = 64
     check_finite: bool = False
     host_capacity_embeds: int = 0
+    prefetch: tuple[PrefetchOrder, ...] = ()
+    prefetch_consume: tuple[str, ...] = ()
+    prefetch_release: tuple[str, ...] = ()
+    prefetch_pool_bytes: int = 0
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Arriving in a worker process means vitbatch is on: make sure that

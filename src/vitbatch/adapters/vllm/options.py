@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from vitbatch.core import Budget
+from vitbatch.core.prefetch import PrefetchLimits
 
 logger = logging.getLogger("vllm.vitbatch")
 
@@ -34,6 +35,15 @@ ENV_VAR = "VITBATCH_VLLM"
 MANAGER_CLASS_NAME = "VitBatchEncoderCacheManager"
 #: What ``--ec-manager-config``'s ``encoder_cache_manager_cls`` names (vLLM 0.27+).
 MANAGER_QUALNAME = f"vitbatch.adapters.vllm.{MANAGER_CLASS_NAME}"
+
+
+#: Prefetch option -> the :class:`~vitbatch.core.prefetch.PrefetchLimits` field it sets.
+_PREFETCH_LIMITS = {
+    "prefetch_requests": "max_requests",
+    "prefetch_max_cost": "max_cost",
+    "prefetch_max_items": "max_items",
+    "prefetch_pool_bytes": "max_pool_bytes",
+}
 
 
 def _check_int(name: str, value: Any, source: str, *, minimum: int, allow_none: bool) -> None:
@@ -61,6 +71,16 @@ class VllmOptions:
         ``host_cache_bytes``; the scheduler counts rows, like vLLM's cache).
     :param check_finite: debugging aid: refuse encoder outputs holding NaN/Inf
         (the step then runs vLLM's own path); costs a device sync per call.
+    :param prefetch: encode the items of *waiting* requests ahead of their
+        admission, on a side stream beside the step's forward (off by default
+        until measured on the GPU). The four limits below bound it:
+    :param prefetch_requests: waiting requests looked at each step, in vLLM's queue order.
+    :param prefetch_max_cost: encoder cost (patches) started per step.
+    :param prefetch_max_items: items started per step.
+    :param prefetch_pool_bytes: device bytes of prefetched embeddings held at once
+        on each worker, outside vLLM's encoder cache and KV budget: size it from
+        the memory vLLM leaves free (``1 - gpu_memory_utilization`` of the GPU,
+        less the encoder's activations).
     """
 
     max_batch_patches: int | None = None
@@ -68,6 +88,11 @@ class VllmOptions:
     host_cache_bytes: int = 1 << 30
     host_cache_embeds: int | None = None
     check_finite: bool = False
+    prefetch: bool = False
+    prefetch_requests: int = 4
+    prefetch_max_cost: int = 8192
+    prefetch_max_items: int = 16
+    prefetch_pool_bytes: int = 1 << 30
 
     @classmethod
     def parse(cls, config: Mapping[str, Any] | None, source: str) -> VllmOptions:
@@ -95,19 +120,30 @@ class VllmOptions:
             ("max_batch_items", 1, True),
             ("host_cache_bytes", 0, False),
             ("host_cache_embeds", 0, True),
+            *((name, 1, False) for name in _PREFETCH_LIMITS),
         ):
             if name in config:
                 _check_int(name, config[name], source, minimum=minimum, allow_none=allow_none)
-        if not isinstance(config.get("check_finite", False), bool):
-            raise ValueError(
-                f"vitbatch option check_finite in {source}: got {config['check_finite']!r}; "
-                "expected true or false"
-            )
+        for name in ("check_finite", "prefetch"):
+            if not isinstance(config.get(name, False), bool):
+                raise ValueError(
+                    f"vitbatch option {name} in {source}: got {config[name]!r}; "
+                    "expected true or false"
+                )
         return cls(**config)
 
     @property
     def budget(self) -> Budget:
         return Budget(self.max_batch_patches, self.max_batch_items)
+
+    @property
+    def prefetch_limits(self) -> PrefetchLimits | None:
+        """The prefetch bounds, or ``None`` when prefetch is off."""
+        if not self.prefetch:
+            return None
+        return PrefetchLimits(
+            **{limit: getattr(self, option) for option, limit in _PREFETCH_LIMITS.items()}
+        )
 
     def host_capacity_embeds(self, bytes_per_embed: int) -> int:
         """The host tier's bound in embedding rows."""

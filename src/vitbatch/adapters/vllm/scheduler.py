@@ -35,6 +35,7 @@ from typing import Any
 from vitbatch.adapters.vllm import surface
 from vitbatch.adapters.vllm.metadata import VitBatchStepMetadata, attach
 from vitbatch.adapters.vllm.options import VllmOptions, configured_options
+from vitbatch.adapters.vllm.prefetch_plan import PrefetchPlanner, planner_for
 from vitbatch.core.host_tier import LruTier
 
 EncoderCacheManager = surface.manager_base()
@@ -58,6 +59,8 @@ class SchedulerStats:
     host_drops: int = 0
     restores_refused: int = 0
     """host-tier hits that could not get device-cache room (encoded instead)."""
+    prefetch_hits: int = 0
+    """inputs counted as cached because a prefetch holds them (no encoder budget)."""
 
 
 class VitBatchEncoderCacheManager(EncoderCacheManager):
@@ -93,17 +96,28 @@ class VitBatchEncoderCacheManager(EncoderCacheManager):
                 connector,
             )
             host_capacity = 0
+        prefetch = planner_for(options, vllm_config, connector)
         logger.info(
             "vitbatch: encoder cache manager on "
-            "(device cache %d embeddings, host tier %d embeddings, %s)",
+            "(device cache %d embeddings, host tier %d embeddings, %s, prefetch %s)",
             cache_size,
             host_capacity,
             options.budget,
+            prefetch.limits if prefetch is not None else "off",
         )
-        return cls(cache_size=cache_size, options=options, host_capacity_embeds=host_capacity)
+        return cls(
+            cache_size=cache_size,
+            options=options,
+            host_capacity_embeds=host_capacity,
+            prefetch=prefetch,
+        )
 
     def __init__(
-        self, cache_size: int, options: VllmOptions | None = None, host_capacity_embeds: int = 0
+        self,
+        cache_size: int,
+        options: VllmOptions | None = None,
+        host_capacity_embeds: int = 0,
+        prefetch: PrefetchPlanner | None = None,
     ) -> None:
         super().__init__(cache_size=cache_size)
         self.options = options or VllmOptions()
@@ -117,11 +131,14 @@ class VitBatchEncoderCacheManager(EncoderCacheManager):
         self._demote: list[str] = []
         self._drop: list[str] = []
         self._reset = False
+        self.prefetch = prefetch
         managers.add(self)
 
     def reset(self) -> None:
         super().reset()
         self.host.clear()
+        if self.prefetch is not None:
+            self.prefetch.reset()
         self._evicted_sizes.clear()
         self._freed_seen = 0
         self._promised = None
@@ -168,8 +185,12 @@ class VitBatchEncoderCacheManager(EncoderCacheManager):
     def check_and_update_cache(self, request: Any, input_id: int) -> bool:
         if super().check_and_update_cache(request, input_id):
             self.stats.cache_hits += 1
+            if self.prefetch is not None:  # a prefetched twin is not needed any more
+                self.prefetch.drop(surface.request_input(request, input_id)[0])
             return True
         mm_hash, num_embeds = surface.request_input(request, input_id)
+        if self.prefetch is not None and self.prefetch.holds(mm_hash, num_embeds):
+            return self._take_prefetched(request, input_id, mm_hash, num_embeds)
         revive = self._evicted_sizes.get(mm_hash) == num_embeds
         if not revive:
             host_rows = self.host.peek(mm_hash)
@@ -199,6 +220,24 @@ class VitBatchEncoderCacheManager(EncoderCacheManager):
             self.stats.host_restores += 1
         return True
 
+    def _take_prefetched(self, request: Any, input_id: int, mm_hash: str, num_embeds: int) -> bool:
+        """A prefetch holds this input: cached, if vLLM's cache has room (else encoded)."""
+        assert self.prefetch is not None
+        if not self._make_room(request, input_id, num_embeds):
+            self.stats.restores_refused += 1
+            return False
+        super().allocate(request, input_id)  # no compute budget: nothing to encode
+        self.prefetch.consume(mm_hash, num_embeds)
+        self.stats.prefetch_hits += 1
+        return True
+
+    def free(self, request: Any) -> None:
+        super().free(request)
+        # vLLM also frees a waiting request it could not schedule after all; only a
+        # request that left for good gives its prefetched items up.
+        if self.prefetch is not None and surface.request_finished(request):
+            self.prefetch.release_request(surface.request_id(request))
+
     def _make_room(self, request: Any, input_id: int, num_embeds: int) -> bool:
         """Free device-cache rows for a restore: vLLM's can_allocate() with no compute budget.
 
@@ -214,6 +253,11 @@ class VitBatchEncoderCacheManager(EncoderCacheManager):
                 request, input_id, sys.maxsize, promised
             ),
         )
+
+    def bind(self, scheduler: Any) -> None:
+        """Let prefetch read ``scheduler``'s waiting queue (a no-op with prefetch off)."""
+        if self.prefetch is not None:
+            self.prefetch.bind(scheduler)
 
     def get_freed_mm_hashes(self) -> list[str]:
         # vLLM 0.27+ already leaves out hashes cached again in this pass; 0.26
@@ -241,6 +285,17 @@ class VitBatchEncoderCacheManager(EncoderCacheManager):
         return freed
 
     def get_manager_metadata(self) -> VitBatchStepMetadata:
+        prefetch: dict[str, Any] = {}
+        if self.prefetch is not None:
+            if self.prefetch.bound:
+                self.prefetch.plan(lambda h: surface.is_cached(self, h) or h in self.host)
+            orders, consume, release = self.prefetch.take_messages()
+            prefetch = {
+                "prefetch": orders,
+                "prefetch_consume": consume,
+                "prefetch_release": release,
+                "prefetch_pool_bytes": self.prefetch.limits.max_pool_bytes,
+            }
         metadata = VitBatchStepMetadata(
             restore=tuple(self._restore),
             demote=tuple(self._demote),
@@ -250,6 +305,7 @@ class VitBatchEncoderCacheManager(EncoderCacheManager):
             max_batch_items=self.options.max_batch_items,
             check_finite=self.options.check_finite,
             host_capacity_embeds=self.host.capacity,
+            **prefetch,
         )
         self._restore, self._demote, self._drop = [], [], []
         self._reset = False
@@ -272,6 +328,8 @@ def enable_on(scheduler: Any) -> bool:
     options = configured_options(vllm_config)
     current = surface.scheduler_manager(scheduler)
     if options is None or isinstance(current, VitBatchEncoderCacheManager):
+        if isinstance(current, VitBatchEncoderCacheManager):
+            current.bind(scheduler)  # built by vLLM from --ec-manager-config
         return isinstance(current, VitBatchEncoderCacheManager)
     report = surface.check()
     if not report.ok("scheduler"):
@@ -295,6 +353,8 @@ def enable_on(scheduler: Any) -> bool:
         cache_size=surface.cache_size(current), vllm_config=vllm_config, options=options
     )
     surface.set_scheduler_manager(scheduler, manager)
+    if isinstance(manager, VitBatchEncoderCacheManager):
+        manager.bind(scheduler)
     return isinstance(manager, VitBatchEncoderCacheManager)
 
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +106,8 @@ V1_EXECUTE_MM_ENCODER = _point("runner_v1", f"{_V1}._execute_mm_encoder")
 V2_FREE_STATES = _point("runner_v2", f"{_V2}.free_states")
 V2_PREPARE_MM_INPUTS = _point("runner_v2", f"{_ENCODER_RUNNER}.prepare_mm_inputs")
 V2_EXECUTE_MM_ENCODER = _point("runner_v2", f"{_ENCODER_RUNNER}.execute_mm_encoder")
+V1_EXECUTE_MODEL = _point("runner_v1", f"{_V1}.execute_model")
+V2_EXECUTE_MODEL = _point("runner_v2", f"{_V2}.execute_model")
 
 
 def wrap(point: WrapPoint, factory: patching.Factory) -> None:
@@ -192,6 +194,51 @@ def ec_connector_name(vllm_config: Any) -> str | None:
     ec_config = getattr(vllm_config, "ec_transfer_config", None)
     name = getattr(ec_config, "ec_connector", None) if ec_config is not None else None
     return str(name) if name else None
+
+
+@_uses("scheduler", "vllm.config:VllmConfig().lora_config")
+def lora_configured(vllm_config: Any) -> bool:
+    """Whether LoRA is on (a tower LoRA needs per-request mappings a prefetch lacks)."""
+    return getattr(vllm_config, "lora_config", None) is not None
+
+
+_QUEUES = ("kv_holding_waiting", "skipped_waiting", "waiting")
+
+
+@_uses("scheduler", f"{_SCHEDULER}().waiting", f"{_SCHEDULER}().skipped_waiting?")
+@_uses("scheduler", f"{_SCHEDULER}().kv_holding_waiting?")
+def waiting_requests(scheduler: Any) -> Iterator[Any]:
+    """The scheduler's waiting requests, lazily, in the order it admits them.
+
+    0.32 drains ``kv_holding_waiting`` before ``waiting``; 0.26 keeps requests it
+    skipped in ``skipped_waiting`` and (FCFS) takes them first. Each queue
+    iterates in its policy's order (a priority queue: by priority, then arrival).
+    """
+    for name in _QUEUES:
+        queue = getattr(scheduler, name, None)
+        if queue:
+            yield from queue
+
+
+@_uses("scheduler", "vllm.v1.request:Request().request_id", "vllm.v1.request:Request.is_finished")
+def request_id(request: Any) -> str:
+    return request.request_id
+
+
+def request_finished(request: Any) -> bool:
+    return bool(request.is_finished())
+
+
+def prefetch_inputs(request: Any) -> Iterator[tuple[str, str, int, Any]]:
+    """``(mm hash, modality, embedding rows, kwargs item)`` of each input whose data the
+    scheduler holds: with the ``shm`` processor cache the scheduler holds an address
+    into shared memory (only the workers' receiver resolves it), and a payload can
+    be stripped (``None``); those are left out."""
+    for feature in request.mm_features or ():
+        data = feature.data
+        if data is None or "address" in data:
+            continue
+        yield feature.identifier, feature.modality, feature.mm_position.get_num_embeds(), data
 
 
 def is_encoder_decoder(config_owner: Any) -> bool:
@@ -323,11 +370,29 @@ def v1_features(runner: Any) -> Iterable[tuple[str, Iterable[Any]]]:
     return ((rid, state.mm_features or ()) for rid, state in runner.requests.items())
 
 
-@_uses("runner_v1", "vllm.multimodal.utils:group_and_batch_mm_kwargs", f"{_V1}().model")
-@_uses("runner_v1", "vllm.v1.worker.utils:sanity_check_mm_encoder_outputs")
-@_uses("runner_v1", "vllm.utils.torch_utils:PIN_MEMORY?", f"{_V1}().encoder_cudagraph_manager?")
+@_uses("runner_v1", f"{_V1}().model", f"{_V1}().encoder_cudagraph_manager?")
 def v1_encode(runner: Any, mm_kwargs: list[tuple[str, Any]]) -> list[Any]:
     """vLLM's own encoding of a micro-batch: its batching, cudagraphs if any, embed_multimodal."""
+    graphs = getattr(runner, "encoder_cudagraph_manager", None)
+    return eager_encode(runner.model, runner.device, mm_kwargs, graphs)
+
+
+def v1_encode_eagerly(runner: Any, mm_kwargs: list[tuple[str, Any]]) -> list[Any]:
+    """The runner's model on ``mm_kwargs``, eagerly (no captured graphs)."""
+    return eager_encode(runner.model, runner.device, mm_kwargs)
+
+
+@_uses(_BOTH, "vllm.multimodal.utils:group_and_batch_mm_kwargs")
+@_uses(_BOTH, "vllm.v1.worker.utils:sanity_check_mm_encoder_outputs")
+@_uses(_BOTH, "vllm.utils.torch_utils:PIN_MEMORY?")
+def eager_encode(
+    model: Any, device: Any, mm_kwargs: list[tuple[str, Any]], graphs: Any = None
+) -> list[Any]:
+    """vLLM's batching and the model's ``embed_multimodal`` (``graphs``: V1's encoder
+    CUDA-graph manager, tried first for the modalities it supports).
+
+    Prefetches pass no graphs: a captured graph writes static buffers that the
+    step's own encoder call would share from the other stream."""
     from vllm.multimodal.utils import group_and_batch_mm_kwargs
     from vllm.v1.worker.utils import sanity_check_mm_encoder_outputs
 
@@ -337,14 +402,13 @@ def v1_encode(runner: Any, mm_kwargs: list[tuple[str, Any]]) -> list[Any]:
         pin_memory = torch.cuda.is_available()
     outputs: list[Any] = []
     for modality, num_items, batch in group_and_batch_mm_kwargs(
-        mm_kwargs, device=runner.device, pin_memory=pin_memory
+        mm_kwargs, device=device, pin_memory=pin_memory
     ):
         result = None
-        graphs = getattr(runner, "encoder_cudagraph_manager", None)
         if graphs is not None and graphs.supports_modality(modality):
             result = graphs.execute(batch)
         if result is None:
-            result = runner.model.embed_multimodal(**batch)
+            result = model.embed_multimodal(**batch)
         sanity_check_mm_encoder_outputs(result, expected_num_items=num_items)
         outputs.extend(result)
     return outputs
@@ -378,6 +442,23 @@ def v2_encoder_runner(model_runner: Any) -> Any:
 def v2_outputs(runner: Any) -> dict[str, Any]:
     """Encoder outputs by mm hash (``runner``: the model runner or its encoder runner)."""
     return runner.encoder_cache.encoder_outputs
+
+
+@_uses("runner_v2", f"{_ENCODER_RUNNER}().model", f"{_ENCODER_RUNNER}().device")
+def v2_encode_eagerly(encoder_runner: Any, mm_kwargs: list[tuple[str, Any]]) -> list[Any]:
+    """The encoder runner's model on ``mm_kwargs``, eagerly (no captured graphs)."""
+    return eager_encode(encoder_runner.model, encoder_runner.device, mm_kwargs)
+
+
+@_uses(_BOTH, "vllm.distributed:get_pp_group?")
+def first_pp_rank() -> bool:
+    """Whether this worker runs the encoder (the first pipeline stage, or no pipeline)."""
+    try:
+        from vllm.distributed import get_pp_group
+
+        return bool(get_pp_group().is_first_rank)
+    except Exception:  # noqa: BLE001 - no distributed state: a single process
+        return True
 
 
 @_uses("runner_v2", f"{_V2_CACHE}().mm_features")

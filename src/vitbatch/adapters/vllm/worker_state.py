@@ -33,7 +33,8 @@ import torch
 
 from vitbatch import metrics
 from vitbatch.adapters.vllm import surface
-from vitbatch.adapters.vllm.metadata import VitBatchStepMetadata
+from vitbatch.adapters.vllm.metadata import PrefetchOrder, VitBatchStepMetadata
+from vitbatch.adapters.vllm.prefetch_pool import PrefetchPool
 from vitbatch.core import Budget, EmbeddingCache, Item, Span, VitBatcher
 from vitbatch.core.agreement import group_agree
 from vitbatch.core.host_arena import HostArena
@@ -132,6 +133,7 @@ class WorkerState:
         self.host_rows: int | None = None  # the scheduler's bound; None until configured
         self._arena_built = False
         self.missing: set[str] = set()
+        self.prefetch: PrefetchPool | None = None  # built when the scheduler ships a bound
         self.stats = WorkerStats()
         metrics.export_batcher(self.batcher, surface.metric_labels(runner), self.host_tier_counts)
         self.native_reason: str | None = None
@@ -164,6 +166,10 @@ class WorkerState:
             self.host = new_host_arena(0)
             self.host_rows = metadata.host_capacity_embeds
             self._arena_built = False
+        if metadata.prefetch_pool_bytes:
+            if self.prefetch is None:
+                self.prefetch = PrefetchPool(metadata.prefetch_pool_bytes)
+            self.prefetch.capacity = metadata.prefetch_pool_bytes
 
     def demote(self, mm_hash: str, tensor: torch.Tensor) -> bool:
         """Keep ``tensor`` in the host tier: its copy is enqueued, not waited for."""
@@ -310,12 +316,26 @@ def item_cost(kwargs: Any, num_embeds: int) -> int:
 
 def make_item(mm_hash: str, request_id: str, modality: str, kwargs: Any, position: Any) -> Item:
     """A core item for one vLLM encoder input (its ``mm_position`` gives rows and offset)."""
-    num_embeds = position.get_num_embeds()
+    return _item(mm_hash, request_id, modality, kwargs, position.get_num_embeds(), position.offset)
+
+
+#: The request id of prefetched items (their request is not the worker's yet).
+PREFETCH_REQUEST = "<prefetch>"
+
+
+def order_item(order: PrefetchOrder) -> Item:
+    """A core item for one prefetch order (its placeholder offset does not matter)."""
+    return _item(order.mm_hash, PREFETCH_REQUEST, order.modality, order.data, order.num_embeds, 0)
+
+
+def _item(
+    mm_hash: str, request_id: str, modality: str, kwargs: Any, num_embeds: int, offset: int
+) -> Item:
     return Item(
         hash=mm_hash,
         modality=modality,
         num_tokens=num_embeds,
-        spans=(Span(position.offset, num_embeds),),
+        spans=(Span(offset, num_embeds),),
         # The item's tensors by field name, for third-party encoder plugins (no copy).
         features={n: e.data for n, e in kwargs.items() if isinstance(e.data, torch.Tensor)},
         cost=item_cost(kwargs, num_embeds),

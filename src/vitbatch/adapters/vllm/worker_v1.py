@@ -1,13 +1,16 @@
 """Model runner V1 (``vllm/v1/worker/gpu_model_runner.py``; CPU, and GPU on request).
 
-Two wrappers, installed by :mod:`.worker`:
+Three wrappers, installed by :mod:`.worker`:
 
-* ``_update_states``: the step's host-tier moves on ``runner.encoder_cache``
-  (:func:`~.worker_state.move_tiers`), before vLLM frees;
+* ``_update_states``: the step's host-tier and prefetch moves on
+  ``runner.encoder_cache`` (:func:`~.worker_state.move_tiers`,
+  :func:`~.worker_prefetch.prefetch_moves`), before vLLM frees;
 * ``_execute_mm_encoder``: the step's scheduled inputs (and restores whose host
   copy was missing) go to :class:`~vitbatch.core.VitBatcher`, which calls
   vLLM's own batching and ``embed_multimodal`` per micro-batch; outputs are
-  stored the way vLLM stores them.
+  stored the way vLLM stores them;
+* ``execute_model``: once vLLM has launched the step's forward, the step's
+  prefetch orders (:func:`~.worker_prefetch.launch_prefetch`, eager encoder).
 
 Steps without vitbatch's metadata, and anything that raises, run vLLM's code.
 """
@@ -21,6 +24,7 @@ import torch
 
 from vitbatch.adapters.vllm import surface
 from vitbatch.adapters.vllm.metadata import read
+from vitbatch.adapters.vllm.worker_prefetch import launch_prefetch, prefetch_moves
 from vitbatch.adapters.vllm.worker_state import (
     WorkerState,
     entry_item,
@@ -28,6 +32,7 @@ from vitbatch.adapters.vllm.worker_state import (
     missing_restores,
     move_tiers,
     native_only_reason,
+    state_of,
     worker_state,
 )
 from vitbatch.core import Item
@@ -89,6 +94,7 @@ def update_states(original: Callable[..., Any]) -> Callable[..., Any]:
             state = worker_state(self, metadata, "V1")
             cache = surface.v1_outputs(self)
             move_tiers(cache, state, scheduler_output, metadata)
+            prefetch_moves(cache, state, metadata)
         return original(self, scheduler_output, *args, **kwargs)
 
     return _update_states
@@ -118,7 +124,25 @@ def execute_mm_encoder(original: Callable[..., Any]) -> Callable[..., Any]:
     return _execute_mm_encoder
 
 
+def execute_model(original: Callable[..., Any]) -> Callable[..., Any]:
+    def _execute_model(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        output = original(self, scheduler_output, *args, **kwargs)
+        metadata = read(scheduler_output)
+        state = state_of(self) if metadata is not None and metadata.prefetch else None
+        if state is not None:
+            launch_prefetch(
+                state,
+                metadata,
+                lambda kw: surface.v1_encode_eagerly(self, kw),
+                surface.device(self),
+            )
+        return output
+
+    return _execute_model
+
+
 PATCHES = (
     (surface.V1_UPDATE_STATES, update_states),
     (surface.V1_EXECUTE_MM_ENCODER, execute_mm_encoder),
+    (surface.V1_EXECUTE_MODEL, execute_model),
 )

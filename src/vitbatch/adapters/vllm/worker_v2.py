@@ -13,6 +13,9 @@ vitbatch wraps all three (installed by :mod:`.worker`):
   (``execute_mm_encoder`` receives none of them) in the state, and adds
   restores whose host copy was missing, so vLLM encodes and caches them like
   any other item;
+* ``execute_model``: once vLLM has launched the step's forward, the step's
+  prefetch orders (:func:`~.worker_prefetch.launch_prefetch`, the encoder
+  runner's model, eagerly); ``free_states`` also applies the prefetch moves;
 * ``execute_mm_encoder``: the items go to :class:`~vitbatch.core.VitBatcher`,
   which plans token-budgeted micro-batches and calls vLLM's own
   ``execute_mm_encoder`` on each one (its grouping, checks and, where captured,
@@ -35,6 +38,7 @@ import torch
 
 from vitbatch.adapters.vllm import surface
 from vitbatch.adapters.vllm.metadata import read
+from vitbatch.adapters.vllm.worker_prefetch import launch_prefetch, prefetch_moves
 from vitbatch.adapters.vllm.worker_state import (
     Entry,
     WorkerState,
@@ -61,6 +65,7 @@ def free_states(original: Callable[..., Any]) -> Callable[..., Any]:
         state.native_reason = native_only_reason(self, ())
         outputs = surface.v2_outputs(self)
         move_tiers(outputs, state, scheduler_output, metadata)
+        prefetch_moves(outputs, state, metadata)
         return original(self, scheduler_output, *args, **kwargs)
 
     return _free_states
@@ -152,8 +157,27 @@ def execute_mm_encoder(original: Callable[..., Any]) -> Callable[..., Any]:
     return _execute
 
 
+def execute_model(original: Callable[..., Any]) -> Callable[..., Any]:
+    def _execute_model(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        output = original(self, scheduler_output, *args, **kwargs)
+        metadata = read(scheduler_output) if not kwargs.get("dummy_run") else None
+        encoder_runner = surface.v2_encoder_runner(self) if metadata is not None else None
+        state = state_of(self) if encoder_runner is not None and metadata.prefetch else None
+        if state is not None:
+            launch_prefetch(
+                state,
+                metadata,
+                lambda kw: surface.v2_encode_eagerly(encoder_runner, kw),
+                surface.device(self),
+            )
+        return output
+
+    return _execute_model
+
+
 PATCHES = (
     (surface.V2_FREE_STATES, free_states),
     (surface.V2_PREPARE_MM_INPUTS, prepare_mm_inputs),
     (surface.V2_EXECUTE_MM_ENCODER, execute_mm_encoder),
+    (surface.V2_EXECUTE_MODEL, execute_model),
 )
