@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from itertools import count
 from typing import TYPE_CHECKING, Any
 
+from vitbatch.core.prefetch import PrefetchStats
 from vitbatch.core.stats import COST_BUCKETS, ITEM_BUCKETS, SECONDS_BUCKETS, StepStats
 
 if TYPE_CHECKING:
@@ -65,6 +66,8 @@ class HostTierCounts:
 
 
 HostTier = Callable[[], HostTierCounts]
+#: The adapter's encoder-prefetch counters (``None``: no prefetch, all zero).
+Prefetch = Callable[[], PrefetchStats]
 
 COUNTERS: dict[str, str] = {
     "vitbatch_encoder_calls": "Vision-encoder calls made by vitbatch",
@@ -78,6 +81,10 @@ COUNTERS: dict[str, str] = {
     "vitbatch_oom_splits": "Encoder calls split in half after a device OOM",
     "vitbatch_d2h_copies_avoided": "Releases needing no GPU-to-CPU copy",
     "vitbatch_d2h_bytes_avoided": "Bytes of GPU-to-CPU copies avoided",
+    "vitbatch_prefetched": "Items of waiting requests encoded ahead of admission",
+    "vitbatch_prefetch_consumed": "Prefetched items an admitted request used",
+    "vitbatch_prefetch_wasted": "Prefetched items dropped unused (request left, or reset)",
+    "vitbatch_prefetch_cancelled": "Prefetches that failed or were lost (encoded at admission)",
 }  # fmt: skip
 """Counter name (``_total`` is added on the wire) -> help."""
 
@@ -86,6 +93,7 @@ GAUGES: dict[str, str] = {
     "(0 under vLLM, whose encoder cache is vLLM's)",
     "vitbatch_host_cache_bytes": "Bytes held by vitbatch's pinned host tier",
     "vitbatch_host_cache_entries": "Entries held by vitbatch's pinned host tier",
+    "vitbatch_prefetch_pool_bytes": "Bytes of prefetched embeddings waiting to be consumed",
 }
 
 HISTOGRAMS: dict[str, tuple[str, tuple[float, ...], str]] = {
@@ -122,15 +130,17 @@ def core_host_tier(batcher: VitBatcher) -> HostTier:
 
 
 def values_of(
-    batcher: VitBatcher, host_tier: HostTier | None
+    batcher: VitBatcher, host_tier: HostTier | None, prefetch: Prefetch | None = None
 ) -> tuple[dict[str, float], dict[str, float]]:
     """``(counters, gauges)``: the cumulative values of :data:`COUNTERS` and :data:`GAUGES`.
 
     ``host_tier`` ``None``: the batcher's cache holds the host tier (its hits are
     among the batcher's); otherwise the adapter's tier, whose hits are added.
+    ``prefetch``: the adapter's prefetch pool counters (``None``: zeros).
     """
     totals = batcher.totals
     tier = (host_tier or core_host_tier(batcher))()
+    ahead = prefetch() if prefetch is not None else PrefetchStats()
     hits = totals.hits if host_tier is None else totals.hits + tier.hits
     counters = {
         "vitbatch_encoder_calls": totals.encoder_calls,
@@ -144,11 +154,16 @@ def values_of(
         "vitbatch_oom_splits": totals.oom_splits,
         "vitbatch_d2h_copies_avoided": totals.d2h_copies_avoided,
         "vitbatch_d2h_bytes_avoided": totals.d2h_bytes_avoided,
+        "vitbatch_prefetched": ahead.prefetched,
+        "vitbatch_prefetch_consumed": ahead.consumed,
+        "vitbatch_prefetch_wasted": ahead.wasted,
+        "vitbatch_prefetch_cancelled": ahead.cancelled,
     }
     gauges = {
         "vitbatch_cache_bytes": batcher.cache.used_bytes,
         "vitbatch_host_cache_bytes": tier.bytes,
         "vitbatch_host_cache_entries": tier.entries,
+        "vitbatch_prefetch_pool_bytes": ahead.bytes_held,
     }
     return counters, gauges
 
@@ -183,11 +198,16 @@ class PrometheusObserver:
     """Pushes each step's statistics into the process's metric families."""
 
     def __init__(
-        self, families: dict[str, Any], labels: Mapping[str, str], host_tier: HostTier | None
+        self,
+        families: dict[str, Any],
+        labels: Mapping[str, str],
+        host_tier: HostTier | None,
+        prefetch: Prefetch | None = None,
     ) -> None:
         self._labels = _label_values(labels)
         self._families = families
         self._host_tier = host_tier
+        self._prefetch = prefetch
         self._children = {name: families[name].labels(*self._labels) for name in COUNTERS}
         self._gauges = {name: families[name].labels(*self._labels) for name in GAUGES}
         self._histograms = [
@@ -199,7 +219,7 @@ class PrometheusObserver:
 
     def sync(self, batcher: VitBatcher) -> None:
         """Bring the counters and gauges up to the batcher's (and tier's) totals."""
-        counters, gauges = values_of(batcher, self._host_tier)
+        counters, gauges = values_of(batcher, self._host_tier, self._prefetch)
         with self._sync_lock:
             for name, value in counters.items():
                 if value > self._sent[name]:
@@ -235,16 +255,21 @@ class SnapshotWriter:
     """Writes the batcher's cumulative values to ``directory`` after each step."""
 
     def __init__(
-        self, directory: str, labels: Mapping[str, str], host_tier: HostTier | None
+        self,
+        directory: str,
+        labels: Mapping[str, str],
+        host_tier: HostTier | None,
+        prefetch: Prefetch | None = None,
     ) -> None:
         _label_values(labels)
         self._labels = dict(labels)
         self._host_tier = host_tier
+        self._prefetch = prefetch
         self._path = os.path.join(directory, f"vitbatch-{os.getpid()}-{next(_snapshot_ids)}.json")
         self._lock = threading.Lock()
 
     def sync(self, batcher: VitBatcher) -> None:
-        counters, gauges = values_of(batcher, self._host_tier)
+        counters, gauges = values_of(batcher, self._host_tier, self._prefetch)
         totals = batcher.totals
         histograms = {
             name: {"counts": list(h.counts), "sum": h.total}
@@ -406,12 +431,16 @@ _warned: set[str] = set()
 
 
 def export_batcher(
-    batcher: VitBatcher, labels: Mapping[str, str], host_tier: HostTier | None = None
+    batcher: VitBatcher,
+    labels: Mapping[str, str],
+    host_tier: HostTier | None = None,
+    prefetch: Prefetch | None = None,
 ) -> bool:
     """Export ``batcher``'s statistics as ``vitbatch_*`` Prometheus metrics.
 
     :param labels: values of :data:`LABELS` (e.g. ``{"model_name": ..., "tp_rank": "0"}``).
     :param host_tier: the adapter's host tier when it is not the batcher cache's own.
+    :param prefetch: the adapter's encoder-prefetch counters, if it prefetches.
     :returns: ``False`` when ``prometheus_client`` is not installed (nothing exported).
     """
     global _families
@@ -429,12 +458,12 @@ def export_batcher(
         )
     observer: PrometheusObserver | SnapshotWriter
     if directory and not multiprocess:
-        observer = SnapshotWriter(directory, labels, host_tier)
+        observer = SnapshotWriter(directory, labels, host_tier, prefetch)
     else:
         with _lock:
             if _families is None:
                 _families = _make_families()
-        observer = PrometheusObserver(_families, labels, host_tier)
+        observer = PrometheusObserver(_families, labels, host_tier, prefetch)
     batcher.observers.append(observer)
     return True
 

@@ -5,7 +5,7 @@ two runs share no process state)::
 
     python tests/vllm/engine_run.py MODEL_DIR OUT.json MODE
 
-(MODE: native, vitbatch, vitbatch-failing, vitbatch-mp or vitbatch-ec.)
+(MODE: native, vitbatch, vitbatch-failing, vitbatch-mp, vitbatch-ec or vitbatch-prefetch.)
 
 ``vitbatch-failing`` registers a vitbatch encoder plugin that raises, to show
 that vLLM then runs its native path and still answers every request.
@@ -14,6 +14,10 @@ executor), where vitbatch must switch itself on from the step metadata alone.
 ``vitbatch-ec`` adds one of vLLM's own EC connectors (``ECExampleConnector``,
 which runs on CPU; ``ECCPUConnector`` needs Model Runner V2), before which
 vitbatch's host tier steps aside.
+``vitbatch-prefetch`` switches encoder prefetch on and records each step's
+prefetch orders, consumes and scheduled encoder inputs; after the workload it
+resets the encoder cache and runs it again with every prefetch call failing,
+then aborts waiting requests whose images were prefetched.
 
 The workload has three phases, each one ``LLM.generate`` call:
 
@@ -63,7 +67,18 @@ IMAGES = {
     "J": (224, 196),
     "K": (168, 168),
     "N": (196, 112),
+    # prefetch mode only: requests aborted while they wait
+    "P": (224, 224),
+    "Q": (224, 196),
+    "R": (196, 224),
+    "S": (224, 168),
+    "T": (168, 224),
+    "U": (196, 196),
 }
+ABORTED = [["P"], ["Q"], ["R"], ["S"], ["T"], ["U"]]
+PREFETCH_OPTIONS = {**VITBATCH_OPTIONS, "prefetch": True}
+#: Two requests run at a time, so most of each phase waits: prefetch's case.
+PREFETCH_MAX_NUM_SEQS = 2
 PHASES = [
     [["A", "B"], ["C"], ["D", "A", "F"], ["B", "G"], ["E"], ["A", "C", "G"], ["F", "D"], ["B"]],
     [["H"], ["I"], ["J"], ["K"], ["N"]],
@@ -89,62 +104,48 @@ def count_scheduled_encoder_inputs() -> dict[str, int]:
     from vllm.v1.core.sched.scheduler import Scheduler
 
     original = Scheduler.schedule
-    counter = {"items": 0}
+    counter = {"items": 0, "hashes": []}
 
     def counting(self, *args, **kwargs):
         output = original(self, *args, **kwargs)
         counter["items"] += sum(len(ids) for ids in output.scheduled_encoder_inputs.values())
+        counter["hashes"].append(
+            [
+                self.requests[rid].mm_features[i].identifier
+                for rid, ids in output.scheduled_encoder_inputs.items()
+                for i in ids
+            ]
+        )
         return output
 
     Scheduler.schedule = counting
     return counter
 
 
-def run(model: str, mode: str, scratch: Path) -> dict:
-    from vllm import LLM, SamplingParams
+def record_prefetch_steps() -> list[dict]:
+    """Test instrumentation: each step's prefetch orders and consumes, as the manager ships them."""
+    from vitbatch.adapters.vllm.scheduler import VitBatchEncoderCacheManager as Manager
 
-    kwargs = {}
-    if mode == "vitbatch-failing":
-        from vitbatch import hookimpl
-        from vitbatch.plugin import get_plugin_manager
+    original = Manager.get_manager_metadata
+    steps: list[dict] = []
 
-        class Broken:
-            @hookimpl(tryfirst=True)
-            def vitbatch_encode_batch(self, items):
-                raise RuntimeError("deliberately broken encoder plugin")
-
-        get_plugin_manager().register(Broken(), name="broken-test-plugin")
-    if mode.startswith("vitbatch"):
-        # The switch every supported vLLM has (0.26+); test_manager covers --ec-manager-config.
-        kwargs["additional_config"] = {"vitbatch": VITBATCH_OPTIONS}
-    if mode == "vitbatch-mp":
-        kwargs["distributed_executor_backend"] = "mp"
-    if mode == "vitbatch-ec":
-        from vllm.config import ECTransferConfig
-
-        kwargs["ec_transfer_config"] = ECTransferConfig(
-            ec_connector="ECExampleConnector",
-            ec_role="ec_both",
-            ec_connector_extra_config={"shared_storage_path": str(scratch / "ec-storage")},
+    def recording(self):
+        metadata = original(self)
+        steps.append(
+            {
+                "orders": [order.mm_hash for order in metadata.prefetch],
+                "consume": list(metadata.prefetch_consume),
+                "release": list(metadata.prefetch_release),
+            }
         )
-    scheduled = count_scheduled_encoder_inputs() if mode in ("native", "vitbatch") else None
-    started = time.perf_counter()
-    llm = LLM(
-        model=model,
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=1024,
-        max_num_seqs=8,
-        max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
-        limit_mm_per_prompt={"image": 3, "video": 0},  # no video: cache size = image budget
-        seed=0,
-        **kwargs,
-    )
-    init_seconds = time.perf_counter() - started
-    images = {name: make_image(name) for name in IMAGES}
-    params = SamplingParams(temperature=0.0, max_tokens=8)
+        return metadata
+
+    Manager.get_manager_metadata = recording
+    return steps
+
+
+def generate_phases(llm, params, images) -> list:
     phases = []
-    started = time.perf_counter()
     for phase in PHASES:
         requests = [
             {
@@ -164,6 +165,104 @@ def run(model: str, mode: str, scratch: Path) -> dict:
                 for names, out in zip(phase, outputs)
             ]
         )
+    return phases
+
+
+def prefetch_passes(llm, params, images, steps: list[dict], scheduled: dict) -> dict:
+    """After the workload: again with failing prefetches, then aborts of waiting requests."""
+    from vitbatch.adapters.vllm import scheduler, stats, surface, worker_state
+
+    clean = {"stats": stats(), "steps": list(steps), "scheduled": list(scheduled["hashes"])}
+    engine_core = llm.llm_engine.engine_core.engine_core
+    engine_core.reset_encoder_cache()  # every image is new again: prefetched again
+
+    def failing(runner, mm_kwargs):
+        raise RuntimeError("injected prefetch failure")
+
+    original = surface.v1_encode_eagerly
+    surface.v1_encode_eagerly = failing
+    try:
+        faulty = generate_phases(llm, params, images)
+    finally:
+        surface.v1_encode_eagerly = original
+    faulty_stats = stats()
+    # Aborts: six one-image requests; after one step the last ones wait (with their
+    # images prefetched); abort three of those, let the others finish.
+    engine = llm.llm_engine
+    for index, names in enumerate(ABORTED):
+        prompt = {"prompt": prompt_for(1), "multi_modal_data": {"image": [images[names[0]]]}}
+        engine.add_request(f"abort-{index}", prompt, params)
+    engine.step()
+    before_abort = stats()
+    engine.abort_request([f"abort-{index}" for index in (3, 4, 5)])
+    while engine.has_unfinished_requests():
+        engine.step()
+    managers = list(scheduler.managers)
+    return {
+        "clean": clean,
+        "faulty_phases": faulty,
+        "faulty_stats": faulty_stats,
+        "before_abort": before_abort,
+        "after_abort": stats(),
+        "ledger_keys": sum(len(m.prefetch.ledger) for m in managers if m.prefetch is not None),
+        "pool_entries": sum(
+            len(s.prefetch) for s in list(worker_state.states) if s.prefetch is not None
+        ),
+    }
+
+
+def run(model: str, mode: str, scratch: Path) -> dict:
+    from vllm import LLM, SamplingParams
+
+    kwargs = {}
+    if mode == "vitbatch-failing":
+        from vitbatch import hookimpl
+        from vitbatch.plugin import get_plugin_manager
+
+        class Broken:
+            @hookimpl(tryfirst=True)
+            def vitbatch_encode_batch(self, items):
+                raise RuntimeError("deliberately broken encoder plugin")
+
+        get_plugin_manager().register(Broken(), name="broken-test-plugin")
+    if mode.startswith("vitbatch"):
+        # The switch every supported vLLM has (0.26+); test_manager covers --ec-manager-config.
+        kwargs["additional_config"] = {"vitbatch": VITBATCH_OPTIONS}
+    steps = None
+    if mode == "vitbatch-prefetch":
+        kwargs["additional_config"] = {"vitbatch": PREFETCH_OPTIONS}
+        steps = record_prefetch_steps()
+    if mode == "vitbatch-mp":
+        kwargs["distributed_executor_backend"] = "mp"
+    if mode == "vitbatch-ec":
+        from vllm.config import ECTransferConfig
+
+        kwargs["ec_transfer_config"] = ECTransferConfig(
+            ec_connector="ECExampleConnector",
+            ec_role="ec_both",
+            ec_connector_extra_config={"shared_storage_path": str(scratch / "ec-storage")},
+        )
+    if mode == "vitbatch-prefetch":
+        kwargs["max_num_seqs"] = PREFETCH_MAX_NUM_SEQS
+    counted = ("native", "vitbatch", "vitbatch-prefetch")
+    scheduled = count_scheduled_encoder_inputs() if mode in counted else None
+    started = time.perf_counter()
+    llm = LLM(
+        model=model,
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=1024,
+        max_num_seqs=kwargs.pop("max_num_seqs", 8),
+        max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
+        limit_mm_per_prompt={"image": 3, "video": 0},  # no video: cache size = image budget
+        seed=0,
+        **kwargs,
+    )
+    init_seconds = time.perf_counter() - started
+    images = {name: make_image(name) for name in IMAGES}
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    started = time.perf_counter()
+    phases = generate_phases(llm, params, images)
     result = {
         "mode": mode,
         "init_seconds": init_seconds,
@@ -172,10 +271,13 @@ def run(model: str, mode: str, scratch: Path) -> dict:
         "image_tokens": {name: image_tokens(*size) for name, size in IMAGES.items()},
         "scheduled_encoder_inputs": scheduled["items"] if scheduled else None,
     }
+    if steps is not None:
+        result["prefetch"] = prefetch_passes(llm, params, images, steps, scheduled)
     if mode in (
         "vitbatch",
         "vitbatch-failing",
         "vitbatch-ec",
+        "vitbatch-prefetch",
     ):  # in-process worker: its counters are readable here
         from vitbatch.adapters.vllm import stats
 

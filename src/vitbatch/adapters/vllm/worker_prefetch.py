@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from vitbatch import metrics
 from vitbatch.adapters.vllm import surface
 from vitbatch.adapters.vllm.metadata import PrefetchOrder, VitBatchStepMetadata
 from vitbatch.adapters.vllm.worker_state import WorkerState, order_item
@@ -48,6 +49,16 @@ def prefetch_moves(
     except Exception:  # noqa: BLE001 - whatever was not handed over is encoded with the step
         state.log_once("prefetch-moves", "vitbatch: prefetch hand-over failed", exc_info=True)
         state.missing.update(h for h in consume if h not in cache)
+    if consume or metadata.prefetch_release or metadata.reset:
+        _publish(state)
+
+
+def _publish(state: WorkerState) -> None:
+    """The pool moved: its counters now, not at the next encoder call."""
+    try:
+        metrics.sync(state.batcher)
+    except Exception:  # noqa: BLE001 - metrics never stop a step
+        state.log_once("metrics", "vitbatch: metrics update failed", exc_info=True)
 
 
 def launch_prefetch(
@@ -76,3 +87,4 @@ def launch_prefetch(
             type(error).__name__,
             error,
         )
+    _publish(state)

@@ -38,6 +38,7 @@ from vitbatch.adapters.vllm.prefetch_pool import PrefetchPool
 from vitbatch.core import Budget, EmbeddingCache, Item, Span, VitBatcher
 from vitbatch.core.agreement import group_agree
 from vitbatch.core.host_arena import HostArena
+from vitbatch.core.prefetch import PrefetchStats
 
 logger = logging.getLogger("vllm.vitbatch")
 
@@ -135,7 +136,9 @@ class WorkerState:
         self.missing: set[str] = set()
         self.prefetch: PrefetchPool | None = None  # built when the scheduler ships a bound
         self.stats = WorkerStats()
-        metrics.export_batcher(self.batcher, surface.metric_labels(runner), self.host_tier_counts)
+        metrics.export_batcher(
+            self.batcher, surface.metric_labels(runner), self.host_tier_counts, self.prefetch_counts
+        )
         self.native_reason: str | None = None
         self.recorded: tuple[list[Entry], list[Any]] | None = None
         self._logged: set[str] = set()
@@ -155,6 +158,10 @@ class WorkerState:
             entries=len(self.host),
             bytes=self.host.row_bytes,
         )
+
+    def prefetch_counts(self) -> PrefetchStats:
+        """What this worker's prefetch pool did, for the metrics (zeros with prefetch off)."""
+        return self.prefetch.stats if self.prefetch is not None else PrefetchStats()
 
     def configure(self, metadata: VitBatchStepMetadata) -> None:
         budget = Budget(metadata.max_batch_patches, metadata.max_batch_items)
