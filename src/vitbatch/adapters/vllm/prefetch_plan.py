@@ -53,14 +53,17 @@ class PrefetchPlanner:
         self.row_bytes = max(1, row_bytes)
         self.ledger = PrefetchLedger()
         self._held: dict[str, ItemKey] = {}  # mm hash -> the key held (the pool is by hash)
-        self._scheduler: weakref.ref[Any] | None = None
+        self._scheduler: Callable[[], Any] | None = None
         self._orders: list[PrefetchOrder] = []
         self._consume: list[str] = []
         self._release: list[str] = []
 
     def bind(self, scheduler: Any) -> None:
         """Read waiting requests from ``scheduler`` (weakly: the scheduler owns the manager)."""
-        self._scheduler = weakref.ref(scheduler)
+        try:
+            self._scheduler = weakref.ref(scheduler)
+        except TypeError:  # an object without weak references (a test's stand-in)
+            self._scheduler = lambda: scheduler
 
     @property
     def bound(self) -> bool:
