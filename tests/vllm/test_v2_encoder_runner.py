@@ -238,3 +238,85 @@ def test_unrecorded_call_runs_vllm() -> None:
 def test_state_survives_pickling_of_metadata() -> None:
     metadata = pickle.loads(pickle.dumps(VitBatchStepMetadata(max_batch_items=2)))
     assert metadata.max_batch_items == 2
+
+
+# -- encoder prefetch ----------------------------------------------------------------
+
+
+def _prefetch_step(model_runner, runner, scheduled, metadata, freed=()):
+    """A V2 step, then (after the forward) vitbatch's prefetch launch in ``execute_model``."""
+    from vitbatch.adapters.vllm import worker_v2
+
+    hashes = _step(model_runner, runner, scheduled, metadata, freed)
+    output = SimpleNamespace(free_encoder_mm_hashes=list(freed), ec_manager_metadata=metadata)
+    worker_v2.execute_model(lambda self, out, *a, **k: None)(model_runner, output)
+    return hashes
+
+
+def _orders(features, request_ids):
+    from vitbatch.adapters.vllm.metadata import PrefetchOrder
+
+    return tuple(
+        PrefetchOrder(f.identifier, f.modality, ROWS, ROWS, f.data)
+        for r in request_ids
+        for f in features[r]
+    )
+
+
+POOL = {"prefetch_pool_bytes": 1 << 20}
+
+
+def test_v2_prefetch_is_handed_to_the_encoder_cache_equal_to_vllm() -> None:
+    features = _features(2, 2)
+    model_runner, runner = _runners(features)
+    want = _native(features, {"r1": [0, 1]})
+    # r1 waits: its two images are prefetched after the step's forward.
+    _prefetch_step(
+        model_runner, runner, {}, VitBatchStepMetadata(prefetch=_orders(features, ["r1"]), **POOL)
+    )
+    pool = model_runner._vitbatch_state.prefetch
+    assert set(pool.entries) == {"h1-0", "h1-1"} and runner.model.calls == [2]
+    # r1 admitted: counted cached by the scheduler, nothing scheduled; handed over, no copy.
+    held = pool.entries["h1-0"].tensor
+    consume = VitBatchStepMetadata(prefetch_consume=("h1-0", "h1-1"), **POOL)
+    assert _prefetch_step(model_runner, runner, {}, consume) == []
+    outputs = runner.encoder_cache.encoder_outputs
+    assert outputs["h1-0"] is held and runner.model.calls == [2]
+    for h in want:
+        torch.testing.assert_close(outputs[h], want[h], rtol=0, atol=0)
+    assert len(pool) == 0 and pool.stats.consumed == 2
+
+
+def test_v2_failed_prefetch_is_encoded_with_the_admitting_step() -> None:
+    features = _features(2, 1)
+    model_runner, runner = _runners(features)
+    want = _native(features, {"r0": [0]})
+    runner.model.fail = True  # the side stream's encoder call raises
+    _prefetch_step(
+        model_runner, runner, {}, VitBatchStepMetadata(prefetch=_orders(features, ["r0"]), **POOL)
+    )
+    state = model_runner._vitbatch_state
+    assert len(state.prefetch) == 0 and state.prefetch.stats.cancelled == 1
+    runner.model.fail = False
+    hashes = _prefetch_step(
+        model_runner, runner, {}, VitBatchStepMetadata(prefetch_consume=("h0-0",), **POOL)
+    )
+    assert hashes == ["h0-0"]  # prepare_mm_inputs added it: vLLM encodes and caches it
+    torch.testing.assert_close(
+        runner.encoder_cache.encoder_outputs["h0-0"], want["h0-0"], rtol=0, atol=0
+    )
+    assert state.stats.fallbacks == 0
+
+
+def test_v2_release_frees_the_pool() -> None:
+    features = _features(1, 2)
+    model_runner, runner = _runners(features)
+    _prefetch_step(
+        model_runner, runner, {}, VitBatchStepMetadata(prefetch=_orders(features, ["r0"]), **POOL)
+    )
+    pool = model_runner._vitbatch_state.prefetch
+    _prefetch_step(
+        model_runner, runner, {}, VitBatchStepMetadata(prefetch_release=("h0-0", "h0-1"), **POOL)
+    )
+    assert len(pool) == 0 and pool.stats.wasted == 2 and pool.stats.bytes_held == 0
+    assert runner.encoder_cache.encoder_outputs == {}
