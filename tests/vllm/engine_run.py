@@ -10,7 +10,9 @@ two runs share no process state)::
 ``vitbatch-failing`` registers a vitbatch encoder plugin that raises, to show
 that vLLM then runs its native path and still answers every request.
 ``vitbatch-mp`` runs the model in a separate worker process (vLLM's ``mp``
-executor), where vitbatch must switch itself on from the step metadata alone.
+executor), where vitbatch must switch itself on from the step metadata alone;
+prefetch is on there (the orders, inputs included, are pickled to the worker),
+and the worker's counters come back through the metrics snapshot directory.
 ``vitbatch-ec`` adds one of vLLM's own EC connectors (``ECExampleConnector``,
 which runs on CPU; ``ECCPUConnector`` needs Model Runner V2), before which
 vitbatch's host tier steps aside.
@@ -234,6 +236,10 @@ def run(model: str, mode: str, scratch: Path) -> dict:
         steps = record_prefetch_steps()
     if mode == "vitbatch-mp":
         kwargs["distributed_executor_backend"] = "mp"
+        kwargs["additional_config"] = {"vitbatch": PREFETCH_OPTIONS}
+        kwargs["max_num_seqs"] = PREFETCH_MAX_NUM_SEQS
+        (scratch / "mp-metrics").mkdir(exist_ok=True)
+        os.environ["VITBATCH_METRICS_DIR"] = str(scratch / "mp-metrics")  # the worker inherits it
     if mode == "vitbatch-ec":
         from vllm.config import ECTransferConfig
 
@@ -273,6 +279,12 @@ def run(model: str, mode: str, scratch: Path) -> dict:
     }
     if steps is not None:
         result["prefetch"] = prefetch_passes(llm, params, images, steps, scheduled)
+    if mode == "vitbatch-mp":
+        from vitbatch.metrics import read_snapshots
+
+        result["worker_counters"] = [
+            s["counters"] for s in read_snapshots(str(scratch / "mp-metrics"))
+        ]
     if mode in (
         "vitbatch",
         "vitbatch-failing",

@@ -156,6 +156,11 @@ def test_worker_process_switches_itself_on(runs) -> None:
     ]
     assert len(worker_lines) == 1 and "Worker" in worker_lines[0]
     assert "vitbatch: encoding failed" not in mp["log"]
+    # Prefetch is on there: its orders (inputs included) reached the worker process.
+    (counters,) = mp["worker_counters"]
+    assert counters["vitbatch_prefetched"] >= 3
+    assert counters["vitbatch_prefetch_consumed"] == counters["vitbatch_prefetched"]
+    assert counters["vitbatch_prefetch_cancelled"] == 0
 
 
 def test_host_tier_steps_aside_for_vllms_ec_connector(runs) -> None:
