@@ -12,6 +12,9 @@ This package is the role-routed shell; the modules, top to bottom:
 * :mod:`.worker` - the worker side's installer, the only module that knows both
   model runners; :mod:`.worker_v1` and :mod:`.worker_v2` - their wrappers;
 * :mod:`.worker_state` - vitbatch's per-runner state, host-tier moves, items;
+* encoder prefetch: :mod:`.prefetch_plan` (scheduler side: what to encode ahead),
+  :mod:`.prefetch_pool` (worker side: the pool and its side stream) and
+  :mod:`.worker_prefetch` (both runners' prefetch steps);
 * :mod:`.metadata` - the per-step message from scheduler to workers (shared);
 * :mod:`.options` - the options and where vLLM's config carries them;
 * :mod:`.surface` - the only module that touches vLLM: every vLLM name used,

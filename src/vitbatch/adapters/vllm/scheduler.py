@@ -9,6 +9,10 @@ a host-to-device copy. The scheduler decides every move (demote, restore, drop)
 and ships them in :class:`~.metadata.VitBatchStepMetadata`, so the workers'
 host tiers mirror the index exactly, on every tensor-parallel rank.
 
+With the ``prefetch`` option the manager also owns a
+:class:`~.prefetch_plan.PrefetchPlanner`: items of waiting requests are encoded
+ahead on the workers, and at admission count as cached the same way.
+
 With vLLM's own EC connector configured (``--ec-transfer-config``, e.g.
 ``ECCPUConnector``), the host tier steps aside (one log line): the connector
 already keeps evicted encoder outputs, and two host tiers for one encoder cache
