@@ -450,6 +450,17 @@ def v2_encode_eagerly(encoder_runner: Any, mm_kwargs: list[tuple[str, Any]]) -> 
     return eager_encode(encoder_runner.model, encoder_runner.device, mm_kwargs)
 
 
+@_uses(_BOTH, "vllm.distributed:get_tp_group?")
+def tp_world_size() -> int:
+    """Tensor-parallel ranks of this worker's group (1 without distributed state)."""
+    try:
+        from vllm.distributed import get_tp_group
+
+        return int(get_tp_group().world_size)
+    except Exception:  # noqa: BLE001 - no distributed state: a single process
+        return 1
+
+
 @_uses(_BOTH, "vllm.distributed:get_pp_group?")
 def first_pp_rank() -> bool:
     """Whether this worker runs the encoder (the first pipeline stage, or no pipeline)."""

@@ -7,10 +7,12 @@
   orders, through the batcher (the model's own encoder path, the same as the
   step's) into the pool, on the side stream.
 
-Prefetch runs on the first pipeline stage only (the one that encodes). Where
-the vision tower is sharded across tensor-parallel ranks, its collectives
-must not run beside the forward's on another stream, so the prefetch runs
-inline on the step's stream there (ordered, no overlap). A failure costs only
+Prefetch runs on the first pipeline stage only (the one that encodes). At
+tensor parallelism > 1 the vision tower communicates (all-reduces when sharded
+with the weights, all-gathers in ``mm_encoder_tp_mode="data"``), and those
+collectives must not run beside the forward's on another stream of the same
+communicator, so the prefetch runs inline on the step's stream there (ordered,
+after the forward; no overlap). A failure costs only
 the prefetch: logged once, the items are encoded at admission.
 """
 
@@ -77,8 +79,8 @@ def launch_prefetch(
         embeddings = state.batcher.encode(items, engine)
         return [embeddings[item.key] for item in items]
 
-    # A tower sharded across TP ranks all-reduces: keep it on the step's stream.
-    side = device if state.batcher.agree is None else None
+    # A tower on several TP ranks communicates: keep it on the step's stream there.
+    side = device if surface.tp_world_size() == 1 else None
     error = pool.launch(metadata.prefetch, encode_orders, side)
     if error is not None:
         state.log_once(
