@@ -341,3 +341,29 @@ def test_prefetch_counters_are_exported():
     counters, gauges = metrics.values_of(state.batcher, None, lambda: state.prefetcher.ledger.stats)
     assert counters["vitbatch_prefetched"] == 3 and gauges["vitbatch_prefetch_bytes"] == 64
     assert {"vitbatch_prefetch_consumed", "vitbatch_prefetch_wasted"} <= set(counters)
+
+
+def test_off_at_attention_tp_above_one(monkeypatch, caplog):
+    """Encoder calls are collectives there: a side-stream call could order them differently."""
+    from vitbatch.adapters.sglang import state as adapter_state
+
+    monkeypatch.setattr(adapter_state, "_agree_group", lambda: object())
+    monkeypatch.setattr(adapter_state, "group_agree", lambda group: lambda tensor: tensor)
+    with caplog.at_level(logging.WARNING, logger="vitbatch.sglang"):
+        state = adapter.reset_state(adapter.Settings(enabled=True, prefetch=True))
+    assert state.prefetcher is None
+    assert any("prefetch is off at attention-TP" in r.getMessage() for r in caplog.records)
+
+
+def test_items_the_step_would_not_look_up_by_key_are_not_prefetched():
+    from vitbatch.adapters.sglang import surface
+
+    plain = image(51, 2).build()
+    assert surface.prefetchable(plain)
+    precomputed = image(52, 2).build()
+    precomputed.precomputed_embeddings = torch.zeros(4, 8)
+    unhashed = image(53, 2).build()
+    unhashed.hash = None
+    no_tensor = image(54, 2).build()
+    no_tensor.feature = [1, 2, 3]
+    assert not any(map(surface.prefetchable, (precomputed, unhashed, no_tensor)))

@@ -91,8 +91,11 @@ def _register_mm_hook(prefetch: bool = False) -> None:
 
 
 def _register_loop_hook() -> None:
+    """Only where SGLang's scheduler module is loaded already (its scheduler processes,
+    which import it before loading plugins): elsewhere (the detokenizer) the hook would
+    import the whole scheduler for nothing; SGLang spawns its schedulers, never forks."""
     global _loop_hook_registered
-    if _loop_hook_registered:
+    if _loop_hook_registered or not surface.scheduler_loaded():
         return
     _loop_hook_registered = True
     problem = surface.prefetch_problem()

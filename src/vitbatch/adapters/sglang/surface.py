@@ -22,6 +22,7 @@ import importlib
 import importlib.util
 import inspect
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from importlib import metadata
@@ -332,6 +333,11 @@ def hook_scheduler_loop(after_batch: Callable, after_idle: Callable) -> None:
     and ``on_idle`` when it has none. The hooks get ``(result, scheduler, ...)``."""
     _register(f"{SCHEDULER}.Scheduler.run_batch", after_batch, "AFTER")
     _register(f"{SCHEDULER}.Scheduler.on_idle", after_idle, "AFTER")
+
+
+def scheduler_loaded() -> bool:
+    """Whether this process has imported SGLang's scheduler module (a scheduler process)."""
+    return SCHEDULER in sys.modules
 
 
 @needs(f"{SCHEDULER}:Scheduler.run_batch", part="prefetch")
