@@ -367,3 +367,24 @@ def test_items_the_step_would_not_look_up_by_key_are_not_prefetched():
     no_tensor = image(54, 2).build()
     no_tensor.feature = [1, 2, 3]
     assert not any(map(surface.prefetchable, (precomputed, unhashed, no_tensor)))
+
+
+def test_a_shared_image_outlives_the_abort_of_one_of_its_requests(native_and_plugin):
+    _, patched = native_and_plugin
+    state = prefetching()
+    queue = [
+        request("r0", image(11, 2), image(12, 10)),
+        request("r1", image(21, 1), image(61, 12)),
+        request("r3", image(41, 5)),
+        request("r2", image(61, 3), image(31, 15)),  # 61 too: it shares r1's prefetch
+    ]
+
+    def abort_r1(scheduler):
+        scheduler.waiting_queue[:] = [r for r in scheduler.waiting_queue if r.rid != "r1"]
+
+    encoder = TowerEncoder()
+    with active(patched, CACHE):
+        serve(queue, encoder, between=abort_r1)
+    assert hashes(encoder) == [[11, 12], [21, 61, 41, 31]]  # 61 was never encoded again
+    stats = state.prefetcher.ledger.stats
+    assert (stats.prefetched, stats.consumed, stats.wasted, stats.bytes_held) == (4, 3, 1, 0)

@@ -136,9 +136,10 @@ class Prefetcher:
                 self._release_gone({surface.request_state(r)[0] for r in waiting})
             if surface.copy_back_pending():
                 return
-            picked = self._select(waiting)
-            for modality, group in _by_modality(picked).items():
+            requests = [self._candidates(r) for r in islice(waiting, self.limits.max_requests)]
+            for modality, group in _by_modality(self._select(requests)).items():
                 self._start(modality, group)
+            self._adopt(requests)
         except Exception as error:  # noqa: BLE001 - prefetch off for this iteration
             self._unexpected("tick", error)
 
@@ -150,13 +151,16 @@ class Prefetcher:
             for key in self.ledger.release_request(request_id):
                 self.pending.pop(key, None)
 
-    def _select(self, waiting: Sequence[Any]) -> list[Candidate]:
-        requests = [self._candidates(r) for r in islice(waiting, self.limits.max_requests)]
-        for request in requests:  # another waiting request needing a held key shares it
+    def _adopt(self, requests: Sequence[Sequence[Candidate]]) -> None:
+        """Every request in the look-ahead that needs a held key owns it too (the same image
+        in two prompts): the first one's abort then leaves it to the other."""
+        for request in requests:
             for candidate in request:
                 if self.ledger.owns(candidate.key):
                     self.ledger.adopt(candidate.request_id, candidate.key)
                     self._owners.add(candidate.request_id)
+
+    def _select(self, requests: Sequence[Sequence[Candidate]]) -> list[Candidate]:
         row_bytes = max(
             (s.width * s.dtype.itemsize for m in self._encoders if (s := self._trusted(m))),
             default=0,
