@@ -38,6 +38,7 @@ from vitbatch.core.stats import COST_BUCKETS, ITEM_BUCKETS, SECONDS_BUCKETS, Ste
 
 if TYPE_CHECKING:
     from vitbatch.core.batcher import VitBatcher
+    from vitbatch.core.prefetch import PrefetchStats
 
 logger = logging.getLogger("vitbatch.metrics")
 
@@ -65,6 +66,8 @@ class HostTierCounts:
 
 
 HostTier = Callable[[], HostTierCounts]
+Prefetch = Callable[[], "PrefetchStats"]
+"""The adapter's prefetch ledger's counters (:class:`~vitbatch.core.prefetch.PrefetchStats`)."""
 
 COUNTERS: dict[str, str] = {
     "vitbatch_encoder_calls": "Vision-encoder calls made by vitbatch",
@@ -78,6 +81,10 @@ COUNTERS: dict[str, str] = {
     "vitbatch_oom_splits": "Encoder calls split in half after a device OOM",
     "vitbatch_d2h_copies_avoided": "Releases needing no GPU-to-CPU copy",
     "vitbatch_d2h_bytes_avoided": "Bytes of GPU-to-CPU copies avoided",
+    "vitbatch_prefetched": "Items of waiting requests the encoder prefetch started",
+    "vitbatch_prefetch_consumed": "Prefetched items a request used when it was admitted",
+    "vitbatch_prefetch_wasted": "Prefetched items dropped unused (request aborted, no room)",
+    "vitbatch_prefetch_cancelled": "Prefetches that failed (OOM, encoder error): encoded later",
 }  # fmt: skip
 """Counter name (``_total`` is added on the wire) -> help."""
 
@@ -86,6 +93,7 @@ GAUGES: dict[str, str] = {
     "(0 under vLLM, whose encoder cache is vLLM's)",
     "vitbatch_host_cache_bytes": "Bytes held by vitbatch's pinned host tier",
     "vitbatch_host_cache_entries": "Entries held by vitbatch's pinned host tier",
+    "vitbatch_prefetch_bytes": "Bytes of prefetched embeddings waiting for their request",
 }
 
 HISTOGRAMS: dict[str, tuple[str, tuple[float, ...], str]] = {
@@ -122,12 +130,13 @@ def core_host_tier(batcher: VitBatcher) -> HostTier:
 
 
 def values_of(
-    batcher: VitBatcher, host_tier: HostTier | None
+    batcher: VitBatcher, host_tier: HostTier | None, prefetch: Prefetch | None = None
 ) -> tuple[dict[str, float], dict[str, float]]:
     """``(counters, gauges)``: the cumulative values of :data:`COUNTERS` and :data:`GAUGES`.
 
     ``host_tier`` ``None``: the batcher's cache holds the host tier (its hits are
     among the batcher's); otherwise the adapter's tier, whose hits are added.
+    ``prefetch`` ``None``: no encoder prefetch (its counters stay 0).
     """
     totals = batcher.totals
     tier = (host_tier or core_host_tier(batcher))()
@@ -145,10 +154,16 @@ def values_of(
         "vitbatch_d2h_copies_avoided": totals.d2h_copies_avoided,
         "vitbatch_d2h_bytes_avoided": totals.d2h_bytes_avoided,
     }
+    ahead = prefetch() if prefetch is not None else None
+    counters["vitbatch_prefetched"] = ahead.prefetched if ahead else 0
+    counters["vitbatch_prefetch_consumed"] = ahead.consumed if ahead else 0
+    counters["vitbatch_prefetch_wasted"] = ahead.wasted if ahead else 0
+    counters["vitbatch_prefetch_cancelled"] = ahead.cancelled if ahead else 0
     gauges = {
         "vitbatch_cache_bytes": batcher.cache.used_bytes,
         "vitbatch_host_cache_bytes": tier.bytes,
         "vitbatch_host_cache_entries": tier.entries,
+        "vitbatch_prefetch_bytes": ahead.bytes_held if ahead else 0,
     }
     return counters, gauges
 
@@ -183,11 +198,16 @@ class PrometheusObserver:
     """Pushes each step's statistics into the process's metric families."""
 
     def __init__(
-        self, families: dict[str, Any], labels: Mapping[str, str], host_tier: HostTier | None
+        self,
+        families: dict[str, Any],
+        labels: Mapping[str, str],
+        host_tier: HostTier | None,
+        prefetch: Prefetch | None = None,
     ) -> None:
         self._labels = _label_values(labels)
         self._families = families
         self._host_tier = host_tier
+        self._prefetch = prefetch
         self._children = {name: families[name].labels(*self._labels) for name in COUNTERS}
         self._gauges = {name: families[name].labels(*self._labels) for name in GAUGES}
         self._histograms = [
@@ -199,7 +219,7 @@ class PrometheusObserver:
 
     def sync(self, batcher: VitBatcher) -> None:
         """Bring the counters and gauges up to the batcher's (and tier's) totals."""
-        counters, gauges = values_of(batcher, self._host_tier)
+        counters, gauges = values_of(batcher, self._host_tier, self._prefetch)
         with self._sync_lock:
             for name, value in counters.items():
                 if value > self._sent[name]:
@@ -235,16 +255,21 @@ class SnapshotWriter:
     """Writes the batcher's cumulative values to ``directory`` after each step."""
 
     def __init__(
-        self, directory: str, labels: Mapping[str, str], host_tier: HostTier | None
+        self,
+        directory: str,
+        labels: Mapping[str, str],
+        host_tier: HostTier | None,
+        prefetch: Prefetch | None = None,
     ) -> None:
         _label_values(labels)
         self._labels = dict(labels)
         self._host_tier = host_tier
+        self._prefetch = prefetch
         self._path = os.path.join(directory, f"vitbatch-{os.getpid()}-{next(_snapshot_ids)}.json")
         self._lock = threading.Lock()
 
     def sync(self, batcher: VitBatcher) -> None:
-        counters, gauges = values_of(batcher, self._host_tier)
+        counters, gauges = values_of(batcher, self._host_tier, self._prefetch)
         totals = batcher.totals
         histograms = {
             name: {"counts": list(h.counts), "sum": h.total}
@@ -406,12 +431,17 @@ _warned: set[str] = set()
 
 
 def export_batcher(
-    batcher: VitBatcher, labels: Mapping[str, str], host_tier: HostTier | None = None
+    batcher: VitBatcher,
+    labels: Mapping[str, str],
+    host_tier: HostTier | None = None,
+    prefetch: Prefetch | None = None,
 ) -> bool:
     """Export ``batcher``'s statistics as ``vitbatch_*`` Prometheus metrics.
 
     :param labels: values of :data:`LABELS` (e.g. ``{"model_name": ..., "tp_rank": "0"}``).
     :param host_tier: the adapter's host tier when it is not the batcher cache's own.
+    :param prefetch: the adapter's encoder-prefetch counters, if it prefetches (published
+        with the batcher's after each step).
     :returns: ``False`` when ``prometheus_client`` is not installed (nothing exported).
     """
     global _families
@@ -429,12 +459,12 @@ def export_batcher(
         )
     observer: PrometheusObserver | SnapshotWriter
     if directory and not multiprocess:
-        observer = SnapshotWriter(directory, labels, host_tier)
+        observer = SnapshotWriter(directory, labels, host_tier, prefetch)
     else:
         with _lock:
             if _families is None:
                 _families = _make_families()
-        observer = PrometheusObserver(_families, labels, host_tier)
+        observer = PrometheusObserver(_families, labels, host_tier, prefetch)
     batcher.observers.append(observer)
     return True
 

@@ -40,6 +40,7 @@ def test_adapter_host_tier_counts_come_from_the_tier() -> None:
         "vitbatch_cache_bytes": 0,
         "vitbatch_host_cache_bytes": 300,
         "vitbatch_host_cache_entries": 3,
+        "vitbatch_prefetch_bytes": 0,  # no prefetch given
     }
 
 
