@@ -83,8 +83,9 @@ def sglang(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def sglang_oldest(session: nox.Session) -> None:
     """The oldest supported SGLang (0.5.17, whose multimodal step is still in ``mm_utils``):
-    the differential suite, the shared-cache suite and the engine surface check, where
-    releases differ; the rest of tests/sglang runs against the newest only."""
+    the differential suite, the shared-cache suite, the engine surface check and the encoder
+    prefetch (its hook point on the scheduler loops), where releases differ; the rest of
+    tests/sglang runs against the newest only."""
     with _environment(session, "sglang", SGLANG_OLDEST):
         session.run(
             "python",
@@ -93,6 +94,8 @@ def sglang_oldest(session: nox.Session) -> None:
             "tests/sglang/test_differential.py",
             "tests/sglang/test_shared_cache.py",
             "tests/sglang/test_surface.py",
+            "tests/sglang/test_prefetch.py",
+            "tests/sglang/test_prefetch_loop.py",
             *session.posargs,
         )
 

@@ -13,13 +13,20 @@
 #            weights, served with --load-format dummy: no download)
 #   OUT_DIR  where the result files go (default ./bench-sglang-serve)
 # Environment:
+#   PHASES ("rates equal burst")  which parts to run, in this order
 #   ROUNDS (3)              alternating rounds (at least 3 for a verdict)
-#   RATES ("inf 4 8")       inf = all at once, N = N req/s (Poisson)
+#   FIRST_ROUND (1)         resume: run rounds FIRST_ROUND..ROUNDS into the same OUT_DIR
+#   TIME_BUDGET (0)         seconds; when set, no round starts that would likely end past it
+#   RATES ("inf auto")      inf = all at once, N = N req/s (Poisson), auto = 0.7x and 0.9x the
+#                           all-at-once throughput of the first server measured (requests queue)
 #   PROMPTS (200)           prompts per measured run
 #   IMAGES (4)              most images per request (--random-image-count: 1..IMAGES)
 #   RESOLUTION (random:448x448-1344x1344)   bench_serving's --image-resolution
 #   INPUT_LEN (64), OUTPUT_LEN (32)         text tokens in and out per request
-#   EQUAL_PROMPTS (64)      greedy-equality requests (0: skip), EQUAL_CONCURRENCY (8)
+#   EQUAL_PROMPTS (64)      greedy-equality requests, EQUAL_CONCURRENCY (8)
+#   BURSTS ("16 32 64 128") burst sizes sent all at once to one start of each server, each
+#                           request BURST_IMAGES (4) images of BURST_RESOLUTION (1344x1344);
+#                           a burst that kills the server ends that server's bursts
 #   MODES ("native vitbatch"), PORT (30011), SHAPE (7b), PYTHON (python3)
 #   SERVE_ARGS              extra server arguments for both, e.g. on a machine without
 #                           flashinfer kernels: "--attention-backend triton --sampling-backend pytorch"
@@ -30,7 +37,9 @@ out="${2:-$PWD/bench-sglang-serve}"
 port="${PORT:-30011}"
 prompts="${PROMPTS:-200}"
 rounds="${ROUNDS:-3}"
-rates="${RATES:-inf 4 8}"
+rates="${RATES:-inf auto}"
+phases=" ${PHASES:-rates equal burst} "
+budget="${TIME_BUDGET:-0}"
 images="${IMAGES:-4}"
 resolution="${RESOLUTION:-random:448x448-1344x1344}"
 equal_prompts="${EQUAL_PROMPTS:-64}"
@@ -42,8 +51,10 @@ out="$(cd "$out" && pwd)"
 load=()
 if [[ -z "$model" ]]; then
   model="$out/qwen2.5-vl-${SHAPE:-7b}"
-  "$py" -m vitbatch.bench.qwen_vl_model "$model" --shape "${SHAPE:-7b}" >/dev/null
-  load=(--load-format dummy)
+  "$py" -m vitbatch.bench.qwen_vl_model "$model" --shape "${SHAPE:-7b}" >/dev/null 2>&1
+  # The generated tokenizer's chat template renders text only (SGLang would drop the images
+  # of a chat request): SGLang's own Qwen2-VL conversation template places them.
+  load=(--load-format dummy --chat-template qwen2-vl)
 fi
 base="http://127.0.0.1:$port"
 
@@ -60,8 +71,8 @@ stop_server() {
 }
 trap stop_server EXIT
 
-start_server() {  # start_server MODE LOG
-  local mode="$1" log="$2" extra=()
+start_server() {  # start_server MODE LOG: exits when the server does not come up
+  local mode="$1" log="$2" extra=() started=$SECONDS
   case "$mode" in
     vitbatch) read -r -a extra <<<"--enable-vit-batching ${VITBATCH_ARGS:-}" ;;
     native) ;;
@@ -80,6 +91,13 @@ start_server() {  # start_server MODE LOG
   if [[ "$mode" == vitbatch ]] && grep -q "vitbatch is off" "$log"; then
     grep "vitbatch is off" "$log" >&2; exit 1
   fi
+  echo "  $mode server up in $((SECONDS - started)) s" >&2
+}
+
+alive() { kill -0 "$server" 2>/dev/null && curl -sf -m 30 "$base/health" >/dev/null 2>&1; }
+
+throughput() {  # throughput NAME: request_throughput of a finished run
+  "$py" -c 'import json,sys; print(json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])["request_throughput"])' "$out/$1.jsonl"
 }
 
 peak_memory() {  # sample GPU memory every 0.5 s into FILE (the max is read afterwards)
@@ -90,10 +108,14 @@ peak_memory() {  # sample GPU memory every 0.5 s into FILE (the max is read afte
 
 bench() {  # bench NAME PROMPTS RATE [extra args]: one JSON line in NAME.jsonl
   local name="$1" n="$2" rate="$3"; shift 3
+  local count_args=(--image-count "$images" --random-image-count --image-resolution "$resolution")
+  if [[ -n "${FIXED_IMAGES:-}" ]]; then  # bursts: exactly FIXED_IMAGES of FIXED_RESOLUTION each
+    count_args=(--image-count "$FIXED_IMAGES" --image-resolution "$FIXED_RESOLUTION")
+  fi
   rm -f "$out/$name.jsonl"
-  "$py" -m sglang.bench_serving --backend sglang-oai-chat --base-url "$base" \
+  ${CLIENT_TIMEOUT:+timeout "$CLIENT_TIMEOUT"} "$py" -m sglang.bench_serving --backend sglang-oai-chat --base-url "$base" \
     --model "$model" --tokenizer "$model" --dataset-name image --num-prompts "$n" \
-    --image-count "$images" --random-image-count --image-resolution "$resolution" \
+    "${count_args[@]}" \
     --random-input-len "${INPUT_LEN:-64}" --random-output-len "${OUTPUT_LEN:-32}" \
     --random-range-ratio 1 --request-rate "$rate" --seed 0 --disable-tqdm \
     --output-file "$out/$name.jsonl" "$@"
@@ -104,29 +126,52 @@ metrics() {  # metrics FILE: the server's Prometheus text
 }
 
 count=${#modes[@]}
-for ((round = 1; round <= rounds; round++)); do
+t0=$SECONDS last=0 done_rounds=0
+if [[ "$phases" == *" rates "* ]]; then
+for ((round = ${FIRST_ROUND:-1}; round <= rounds; round++)); do
+  if ((budget > 0 && round > ${FIRST_ROUND:-1} && SECONDS - t0 + last > budget)); then
+    echo "time budget: stopping after $done_rounds round(s)" >&2; break
+  fi
+  r0=$SECONDS
   for ((i = 0; i < count; i++)); do
     mode="${modes[$(((i + round - 1) % count))]}"  # rotated each round
     log="$out/server-$mode-r$round.log"
     echo "round $round/$rounds: $mode" >&2
     start_server "$mode" "$log"
-    bench "warmup-$mode-r$round" "$((prompts / 4 + 1))" inf >/dev/null
+    # Every run of one server start draws other images (its own --seed): a repeated image
+    # would be a prefix-cache hit. The same run gets the same seed on every server and round.
+    bench "warmup-$mode-r$round" "$((prompts / 4 + 1))" inf --seed 999 >/dev/null 2>&1
+    seed=0
     for rate in $rates; do
-      name="$mode-r$round-rate$rate"
-      peak_memory "$out/$name.memory"
-      bench "$name" "$prompts" "$rate" >"$out/client-$name.log" 2>&1
-      metrics "$out/$name.metrics"
-      if [[ -n "$sampler" ]]; then kill "$sampler" 2>/dev/null || true; wait "$sampler" 2>/dev/null || true; sampler=""; fi
+      if [[ "$rate" == auto ]]; then rate="$auto_rates"; fi
+      for r in $rate; do
+        name="$mode-r$round-rate$r"
+        peak_memory "$out/$name.memory"
+        seed=$((seed + 1))
+        bench "$name" "$prompts" "$r" --seed "$seed" >"$out/client-$name.log" 2>&1
+        metrics "$out/$name.metrics"
+        if [[ -n "$sampler" ]]; then kill "$sampler" 2>/dev/null || true; wait "$sampler" 2>/dev/null || true; sampler=""; fi
+        if [[ "$r" == inf && -z "${auto_rates:-}" ]]; then  # first all-at-once run fixes the rates
+          t="$(throughput "$name")"
+          auto_rates="$("$py" -c "import sys; t=float(sys.argv[1]); print(f'{0.7*t:.1f} {0.9*t:.1f}')" "$t")"
+          echo "  all at once: $t req/s; queued rates: $auto_rates" >&2
+          echo "$auto_rates" >"$out/auto_rates.txt"
+        fi
+      done
     done
     stop_server
   done
+  last=$((SECONDS - r0)) done_rounds=$round
 done
-
+echo "$done_rounds" >"$out/rounds_done.txt"
+fi
+[[ -f "$out/auto_rates.txt" ]] && auto_rates="$(cat "$out/auto_rates.txt")"
 # Greedy equality: the same EQUAL_PROMPTS requests (1..IMAGES images each, fixed seed)
 # at temperature 0 through /v1/chat/completions, answers saved per server, then compared.
-if ((equal_prompts > 0)); then
+if [[ "$phases" == *" equal "* || "$phases" == *" burst "* ]]; then
   for mode in "${modes[@]}"; do
     start_server "$mode" "$out/server-$mode-equal.log"
+    if [[ "$phases" == *" equal "* ]]; then
     "$py" - "$base" "$model" "$equal_prompts" "$images" "${EQUAL_CONCURRENCY:-8}" \
       "$out/greedy-$mode.json" <<'PY'
 import base64, io, json, random, sys, urllib.request
@@ -154,11 +199,28 @@ with ThreadPoolExecutor(workers) as pool:
     answers = list(pool.map(request, range(n)))
 json.dump(answers, open(path, "w"))
 PY
+    fi
+    if [[ "$phases" == *" burst "* ]]; then
+      for n in ${BURSTS:-16 32 64 128}; do
+        name="burst-$mode-$n"
+        peak_memory "$out/$name.memory"
+        CLIENT_TIMEOUT="${BURST_TIMEOUT:-300}" FIXED_IMAGES="${BURST_IMAGES:-4}" FIXED_RESOLUTION="${BURST_RESOLUTION:-1344x1344}" \
+          bench "$name" "$n" inf --random-output-len 8 --seed "$((100 + n))" >"$out/client-$name.log" 2>&1 || true
+        if [[ -n "$sampler" ]]; then kill "$sampler" 2>/dev/null || true; wait "$sampler" 2>/dev/null || true; sampler=""; fi
+        if alive; then state=alive; else state=dead; fi
+        oom=$(grep -ciE "out of memory|OutOfMemoryError" "$out/server-$mode-equal.log" || true)
+        echo "$mode $n $state $oom" >>"$out/bursts.txt"
+        echo "  burst $n: server $state, OOM lines in its log: $oom" >&2
+        [[ "$state" == dead ]] && break
+      done
+    fi
     stop_server
   done
 fi
 
-"$py" - "$out" "$rounds" "$rates" "${modes[@]}" <<'PY'
+measured_rates="${rates/auto/${auto_rates:-}}"
+rounds_done="$(cat "$out/rounds_done.txt" 2>/dev/null || echo "$rounds")"
+"$py" - "$out" "$rounds_done" "$measured_rates" "${modes[@]}" <<'PY'
 import json, re, statistics, sys
 from pathlib import Path
 out, rounds, rates, modes = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3].split(), sys.argv[4:]
@@ -214,4 +276,12 @@ if "native" in answers:
         if mode != "native":
             same = sum(a == b for a, b in zip(answers["native"], got))
             print(f"greedy outputs equal to native: {mode} {same}/{len(got)}")
+bursts = out / "bursts.txt"
+if bursts.exists():
+    print("bursts (requests x images, all at once): server after the burst, OOM lines in its log so far")
+    for line in bursts.read_text().splitlines():
+        mode, n, state, oom = line.split()
+        row = result(f"burst-{mode}-{n}")
+        done = f"{row['completed']}/{n} completed, {row['request_throughput']:.2f} req/s, peak {row['peak_gpu_mib']:.0f} MiB" if row else "no result"
+        print(f"  {mode} burst {n}: {done}; server {state}; OOM lines {oom}")
 PY

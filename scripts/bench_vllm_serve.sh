@@ -120,9 +120,13 @@ for ((round = 1; round <= rounds; round++)); do
     [[ "$refused" == *" $mode "* ]] && continue
     echo "round $round/$rounds: $mode" >&2
     start_server "$mode" "$log" || { refused+="$mode "; continue; }
-    bench "warmup-$mode-r$round" "$((prompts / 4 + 1))" inf --num-warmups 4 >/dev/null
+    # Every run of one server start draws other images (its own --seed): a repeated image
+    # would be a prefix-cache hit. The same run gets the same seed on every server and round.
+    bench "warmup-$mode-r$round" "$((prompts / 4 + 1))" inf --num-warmups 4 --seed 999 >/dev/null
+    seed=0
     for rate in $rates; do
-      bench "$mode-r$round-rate$rate" "$prompts" "$rate" >"$out/client-$mode-r$round-rate$rate.log"
+      seed=$((seed + 1))
+      bench "$mode-r$round-rate$rate" "$prompts" "$rate" --seed "$seed" >"$out/client-$mode-r$round-rate$rate.log"
     done
     if [[ "$mode" == vitbatch ]] && ! grep -q "vitbatch: encoder steps of this worker" "$log"; then
       echo "vitbatch did not switch on in the server (see $log)" >&2

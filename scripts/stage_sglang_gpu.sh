@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stage an SGLang *server* for the GPU machine (no package index there; Python 3.12,
 # torch 2.11.0+cu130): SGLang 0.5.17 (the newest release pinning torch 2.11.0), its
-# sglang-kernel 0.4.5 wheel (383 MB: split into parts of PART_MB (55) MB, one transfer each),
+# sglang-kernel 0.4.5 wheel (383 MB; slimmed to 18 MB by scripts/slim_sglang_kernel.py, or with
+# SLIM_KERNEL=0 split into parts of PART_MB (55) MB, one transfer each),
 # flashinfer_python 0.6.15.post1 (the registry has no flashinfer-cubin of that version:
 # flashinfer would JIT, so the launch options below keep it off the hot path), the wheels
 # of SGLang's requirements the machine lacks (KINDS.md "Python packages already there"),
@@ -9,7 +10,7 @@
 #
 # Usage: scripts/stage_sglang_gpu.sh [SGLANG_VERSION] [STAGE_DIR]   (0.5.17, ./.stage/sglang)
 # Then, on the device, one `run` per part c0..cN (carry [".stage/sglang/cK"]), each copying
-# its files to /tmp/stage; the last call joins, checks and installs (the printed commands).
+# its files to /tmp/stage; the last call installs into /tmp/sgsite (the printed commands).
 #
 # `vitbatch bench --engine sglang` (the function-level check, SGLang 0.5.23 with a stand-in
 # sgl_kernel) is staged by scripts/stage_sglang_wheels.py; this script stages the server.
@@ -49,10 +50,14 @@ unzip -p "$wheel" '*/METADATA' | sed -n 's/^Requires-Dist: //p' | grep -v 'extra
   >"$stage/requires.txt"
 "$py" -m pip install -q --dry-run --ignore-installed --report "$stage/all.json" \
   "${target[@]}" --target "$stage/unused" -r "$stage/requires.txt" >/dev/null 2>"$stage/resolve.log"
-"$py" - "$stage/all.json" "$have" >"$stage/need.txt" <<'PY'
+# Packages the machine has at another version than SGLang needs: staged anyway (PYTHONPATH puts
+# them first). Seen on the H200: transformers 5.17 there, SGLang 0.5.17 pins 5.12.1, which takes
+# tokenizers <= 0.23.0 (0.23.2 there); with the machine's own, the server fails at import.
+also="${RESTAGE:-transformers tokenizers}"
+"$py" - "$stage/all.json" "$have" "$also" >"$stage/need.txt" <<'PY'
 import json, re, sys
 report = json.load(open(sys.argv[1]))
-have = set(open(sys.argv[2]).read().split())
+have = set(open(sys.argv[2]).read().split()) - set(sys.argv[3].split())
 # pulled in again by the requirements above: the machine's own torch/CUDA stack
 skip = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia-.*|cuda-.*|z3-solver|pyelftools)$")
 for item in report["install"]:
@@ -67,13 +72,20 @@ while read -r req; do
 done <"$stage/need.txt"
 (cd "$here" && "$py" -m pip wheel -q --no-deps -w "$stage/deps" .)
 
-# Parts: sglang-kernel in PART_MB pieces; sglang, flashinfer and the rest fill further parts
-# of at most PART_MB each (a wheel larger than that is split too).
+# Parts. By default sglang-kernel is slimmed first (scripts/slim_sglang_kernel.py: 383 -> 18 MB,
+# without the FA3 library this server never calls), so every wheel fits one part; with
+# SLIM_KERNEL=0 the full wheel travels in PART_MB pieces joined on the device.
 kwheel="$(ls "$stage"/big/*.whl)"
-split -b "$((part_mb * 1000 * 1000))" -d -a 2 "$kwheel" "$stage/big/kernelwhl.part"
-n=0
-for part in "$stage"/big/kernelwhl.part*; do mkdir -p "$stage/c$n"; mv "$part" "$stage/c$n/"; n=$((n + 1)); done
-first=$n
+kname="$(basename "$kwheel")"
+n=0 join=""
+if [[ "${SLIM_KERNEL:-1}" == 1 ]]; then
+  "$py" "$here/scripts/slim_sglang_kernel.py" "$kwheel" "$stage/deps" >/dev/null
+else
+  split -b "$((part_mb * 1000 * 1000))" -d -a 2 "$kwheel" "$stage/big/kernelwhl.part"
+  for part in "$stage"/big/kernelwhl.part*; do mkdir -p "$stage/c$n"; mv "$part" "$stage/c$n/"; n=$((n + 1)); done
+  sha="$(sha256sum "$kwheel" | cut -d' ' -f1)"
+  join="cat /tmp/stage/kernelwhl.part* > /tmp/stage/$kname && echo \"$sha  /tmp/stage/$kname\" | sha256sum -c && rm /tmp/stage/kernelwhl.part* && "
+fi
 mv "$wheel" "$stage/deps/"
 limit=$((part_mb * 1000 * 1000)) used=0
 mkdir -p "$stage/c$n"
@@ -83,19 +95,17 @@ for whl in $(ls -S "$stage"/deps/*.whl); do
   if ((used + size > limit)); then n=$((n + 1)) used=0; mkdir -p "$stage/c$n"; fi
   mv "$whl" "$stage/c$n/" && used=$((used + size))
 done
-sha="$(sha256sum "$kwheel" | cut -d' ' -f1)"
-kname="$(basename "$kwheel")"
 rm -rf "$stage/dl" "$stage/unused" "$stage/deps" "$stage/big"
 du -sh "$stage"/c* | sed 's/^/  /'
 last=$n
 cat >"$stage/device_commands.txt" <<CMD
 # each part K in 0..$((last - 1)), carry [".stage/sglang/cK"]:
 mkdir -p /tmp/stage && cp .stage/sglang/cK/* /tmp/stage/
-# the last part, carry [".stage/sglang/c$last"]:
-mkdir -p /tmp/stage && cp .stage/sglang/c$last/* /tmp/stage/ && cat /tmp/stage/kernelwhl.part* > /tmp/stage/$kname && echo "$sha  /tmp/stage/$kname" | sha256sum -c && rm /tmp/stage/kernelwhl.part* && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/stage/*.whl && PYTHONPATH=/tmp/site python3 -c "import sgl_kernel, flashinfer, sglang.srt.entrypoints.http_server, sglang.srt.managers.scheduler; from importlib.metadata import version; print('sglang', version('sglang'), 'vitbatch', version('vitbatch'))"
+# the last part, carry [".stage/sglang/c$last"] (installs into /tmp/sgsite):
+mkdir -p /tmp/stage && cp .stage/sglang/c$last/* /tmp/stage/ && ${join}python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/sgsite /tmp/stage/*.whl && PYTHONPATH=/tmp/sgsite python3 -c "import sgl_kernel, flashinfer, sglang.srt.entrypoints.http_server, sglang.srt.managers.scheduler; from importlib.metadata import version; print('sglang', version('sglang'), 'vitbatch', version('vitbatch'))"
 # then (same warm machine):
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
-SERVE_ARGS="--attention-backend triton --sampling-backend pytorch --mm-attention-backend sdpa" PROMPTS=96 scripts/bench_sglang_serve.sh "" \$OUT/bench-sglang
+export PYTHONPATH=\$PWD/src:/tmp/sgsite PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+SERVE_ARGS="--attention-backend triton --sampling-backend pytorch --mm-attention-backend triton_attn" scripts/bench_sglang_serve.sh "" \$OUT/bench-sglang
 CMD
-echo "staged sglang $version: $kname in parts c0..c$((first - 1)); sglang, flashinfer, vitbatch and $(wc -l <"$stage/need.txt") dependency wheels in c$first..c$last"
+echo "staged sglang $version in parts c0..c$last: $kname (slimmed unless SLIM_KERNEL=0), sglang, flashinfer, vitbatch and $(wc -l <"$stage/need.txt") dependency wheels"
 cat "$stage/device_commands.txt"

@@ -34,11 +34,11 @@ from dataclasses import dataclass
 from itertools import count
 from typing import TYPE_CHECKING, Any
 
-from vitbatch.core.prefetch import PrefetchStats
 from vitbatch.core.stats import COST_BUCKETS, ITEM_BUCKETS, SECONDS_BUCKETS, StepStats
 
 if TYPE_CHECKING:
     from vitbatch.core.batcher import VitBatcher
+    from vitbatch.core.prefetch import PrefetchStats
 
 logger = logging.getLogger("vitbatch.metrics")
 
@@ -66,8 +66,8 @@ class HostTierCounts:
 
 
 HostTier = Callable[[], HostTierCounts]
-#: The adapter's encoder-prefetch counters (``None``: no prefetch, all zero).
-Prefetch = Callable[[], PrefetchStats]
+Prefetch = Callable[[], "PrefetchStats"]
+"""The adapter's prefetch ledger's counters (:class:`~vitbatch.core.prefetch.PrefetchStats`)."""
 
 COUNTERS: dict[str, str] = {
     "vitbatch_encoder_calls": "Vision-encoder calls made by vitbatch",
@@ -81,10 +81,10 @@ COUNTERS: dict[str, str] = {
     "vitbatch_oom_splits": "Encoder calls split in half after a device OOM",
     "vitbatch_d2h_copies_avoided": "Releases needing no GPU-to-CPU copy",
     "vitbatch_d2h_bytes_avoided": "Bytes of GPU-to-CPU copies avoided",
-    "vitbatch_prefetched": "Items of waiting requests encoded ahead of admission",
-    "vitbatch_prefetch_consumed": "Prefetched items an admitted request used",
-    "vitbatch_prefetch_wasted": "Prefetched items dropped unused (request left, or reset)",
-    "vitbatch_prefetch_cancelled": "Prefetches that failed or were lost (encoded at admission)",
+    "vitbatch_prefetched": "Items of waiting requests the encoder prefetch started",
+    "vitbatch_prefetch_consumed": "Prefetched items a request used when it was admitted",
+    "vitbatch_prefetch_wasted": "Prefetched items dropped unused (request aborted, no room)",
+    "vitbatch_prefetch_cancelled": "Prefetches that failed (OOM, encoder error): encoded later",
 }  # fmt: skip
 """Counter name (``_total`` is added on the wire) -> help."""
 
@@ -93,7 +93,7 @@ GAUGES: dict[str, str] = {
     "(0 under vLLM, whose encoder cache is vLLM's)",
     "vitbatch_host_cache_bytes": "Bytes held by vitbatch's pinned host tier",
     "vitbatch_host_cache_entries": "Entries held by vitbatch's pinned host tier",
-    "vitbatch_prefetch_pool_bytes": "Bytes of prefetched embeddings waiting to be consumed",
+    "vitbatch_prefetch_bytes": "Bytes of prefetched embeddings waiting for their request",
 }
 
 HISTOGRAMS: dict[str, tuple[str, tuple[float, ...], str]] = {
@@ -136,11 +136,10 @@ def values_of(
 
     ``host_tier`` ``None``: the batcher's cache holds the host tier (its hits are
     among the batcher's); otherwise the adapter's tier, whose hits are added.
-    ``prefetch``: the adapter's prefetch pool counters (``None``: zeros).
+    ``prefetch`` ``None``: no encoder prefetch (its counters stay 0).
     """
     totals = batcher.totals
     tier = (host_tier or core_host_tier(batcher))()
-    ahead = prefetch() if prefetch is not None else PrefetchStats()
     hits = totals.hits if host_tier is None else totals.hits + tier.hits
     counters = {
         "vitbatch_encoder_calls": totals.encoder_calls,
@@ -154,16 +153,17 @@ def values_of(
         "vitbatch_oom_splits": totals.oom_splits,
         "vitbatch_d2h_copies_avoided": totals.d2h_copies_avoided,
         "vitbatch_d2h_bytes_avoided": totals.d2h_bytes_avoided,
-        "vitbatch_prefetched": ahead.prefetched,
-        "vitbatch_prefetch_consumed": ahead.consumed,
-        "vitbatch_prefetch_wasted": ahead.wasted,
-        "vitbatch_prefetch_cancelled": ahead.cancelled,
     }
+    ahead = prefetch() if prefetch is not None else None
+    counters["vitbatch_prefetched"] = ahead.prefetched if ahead else 0
+    counters["vitbatch_prefetch_consumed"] = ahead.consumed if ahead else 0
+    counters["vitbatch_prefetch_wasted"] = ahead.wasted if ahead else 0
+    counters["vitbatch_prefetch_cancelled"] = ahead.cancelled if ahead else 0
     gauges = {
         "vitbatch_cache_bytes": batcher.cache.used_bytes,
         "vitbatch_host_cache_bytes": tier.bytes,
         "vitbatch_host_cache_entries": tier.entries,
-        "vitbatch_prefetch_pool_bytes": ahead.bytes_held,
+        "vitbatch_prefetch_bytes": ahead.bytes_held if ahead else 0,
     }
     return counters, gauges
 
@@ -440,7 +440,8 @@ def export_batcher(
 
     :param labels: values of :data:`LABELS` (e.g. ``{"model_name": ..., "tp_rank": "0"}``).
     :param host_tier: the adapter's host tier when it is not the batcher cache's own.
-    :param prefetch: the adapter's encoder-prefetch counters, if it prefetches.
+    :param prefetch: the adapter's encoder-prefetch counters, if it prefetches (published
+        with the batcher's after each step).
     :returns: ``False`` when ``prometheus_client`` is not installed (nothing exported).
     """
     global _families

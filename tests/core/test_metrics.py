@@ -40,7 +40,7 @@ def test_adapter_host_tier_counts_come_from_the_tier() -> None:
         "vitbatch_cache_bytes": 0,
         "vitbatch_host_cache_bytes": 300,
         "vitbatch_host_cache_entries": 3,
-        "vitbatch_prefetch_pool_bytes": 0,
+        "vitbatch_prefetch_bytes": 0,  # no prefetch given
     }
 
 
@@ -99,16 +99,3 @@ def test_push_counters_follow_totals(monkeypatch) -> None:
         "vitbatch_encoder_calls_total", {"model_name": "push", "engine": "", "tp_rank": "1"}
     )
     assert value == 4.0
-
-
-def test_prefetch_counts_come_from_the_adapter() -> None:
-    from vitbatch.core.prefetch import PrefetchStats
-
-    counts = PrefetchStats(prefetched=5, consumed=3, wasted=1, cancelled=1, bytes_held=640)
-    counters, gauges = metrics.values_of(batcher(), None, lambda: counts)
-    assert counters["vitbatch_prefetched"] == 5 and counters["vitbatch_prefetch_consumed"] == 3
-    assert counters["vitbatch_prefetch_wasted"] == 1
-    assert counters["vitbatch_prefetch_cancelled"] == 1
-    assert gauges["vitbatch_prefetch_pool_bytes"] == 640
-    counters, gauges = metrics.values_of(batcher(), None)  # no prefetch: zeros
-    assert counters["vitbatch_prefetched"] == 0 and gauges["vitbatch_prefetch_pool_bytes"] == 0

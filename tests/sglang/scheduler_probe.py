@@ -22,6 +22,10 @@ def probe(queue) -> None:
             "max_patches": state.settings.max_patches,
             "host_cache_mb": state.settings.host_cache_mb,
             "budget_patches": state.batcher.budget.max_cost,
+            "prefetch": [
+                state.prefetcher is not None,
+                state.settings.prefetch_limits().max_pool_bytes,
+            ],
         }
     )
 

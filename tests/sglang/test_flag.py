@@ -23,7 +23,7 @@ def run_launcher(args: list[str], **env: str) -> dict:
         if not k.startswith("VITBATCH_") and k != "SGLANG_PLUGINS"
     }
     environment.update(env)
-    environment["PYTHONPATH"] = str(ROOT)
+    environment["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT)])  # this checkout
     done = subprocess.run(
         [sys.executable, "-m", "tests.sglang.scheduler_probe", *MODEL_ARGS, *args],
         cwd=ROOT,
@@ -66,6 +66,7 @@ def test_flag_reaches_the_spawned_scheduler() -> None:
         "max_patches": 2048,
         "host_cache_mb": 64,
         "budget_patches": 2048,
+        "prefetch": [False, 1 << 30],
     }
 
 
@@ -129,6 +130,23 @@ def test_help_lists_the_options() -> None:
 def test_bad_values_stop_the_launch_naming_the_flag(args: list[str], message: str) -> None:
     """Not accepted and then raised at the first image: the launch itself fails, readably."""
     result = run_launcher(["--enable-vit-batching", *args])
+    assert message in result.get("error", ""), result
+
+
+def test_prefetch_flags_reach_the_scheduler() -> None:
+    result = run_launcher(
+        ["--enable-vit-batching", "--vit-batch-prefetch", "--vit-batch-prefetch-pool-mb", "256"]
+    )
+    assert "error" not in result, result.get("error")
+    assert result["scheduler"]["prefetch"] == [True, 256 << 20]  # off: the test above
+
+
+def test_bad_prefetch_settings_stop_the_launch() -> None:
+    """A flag and a variable: the launch stops naming both spellings of the bad one."""
+    result = run_launcher(
+        ["--enable-vit-batching", "--vit-batch-prefetch"], VITBATCH_PREFETCH_POOL_MB="0"
+    )
+    message = "--vit-batch-prefetch-pool-mb / VITBATCH_PREFETCH_POOL_MB must be an integer >= 1"
     assert message in result.get("error", ""), result
 
 

@@ -31,6 +31,15 @@ SPECIAL = {
     "<|image_pad|>": 151655,
     "<|video_pad|>": 151656,
 }
+NAMED_ELSEWHERE = (
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+)
+"""Special tokens the tokenizer config names under another key."""
 WORDS = ["user", "assistant", "system", "describe", "compare", "the", "images", "frames", "turn"]
 PATCH = 14
 MERGE = 2
@@ -117,11 +126,19 @@ def write_word_level_tokenizer(
                 "pad_token": "<|endoftext|>",
                 "bos_token": None,
                 "chat_template": chat_template,
+                # Every special token named, so ``all_special_ids`` holds them all and
+                # clients that sample random text from the vocabulary (sglang.bench_serving,
+                # vllm bench serve) never draw a placeholder or a role marker.
                 "extra_special_tokens": {
                     "image_token": "<|image_pad|>",
                     "video_token": "<|video_pad|>",
                     "vision_bos_token": "<|vision_start|>",
                     "vision_eos_token": "<|vision_end|>",
+                    **{
+                        token.strip("<|>") + "_token": token
+                        for token in special
+                        if token not in NAMED_ELSEWHERE
+                    },
                 },
             }
         )

@@ -11,7 +11,11 @@ One module per job:
   the hooks it registers;
 * :mod:`.state` - this scheduler process's batcher and counters;
 * :mod:`.step` - the interception of SGLang's step embedding;
+* :mod:`.items` - SGLang's items as core items (keys shared by the step and the prefetch);
 * :mod:`.cache` - SGLang's embedding cache as vitbatch's device tier;
+* :mod:`.prefetch`, :mod:`.side_stream`, :mod:`.loop` - the encoder prefetch
+  (``--vit-batch-prefetch``): its pool, its one place of stream switching, and the
+  hook on the scheduler loop;
 * :mod:`.surface` - the only module that imports SGLang or touches its
   internals; the start-up check is generated from its accessors.
 """

@@ -14,7 +14,9 @@ It is idempotent and always:
 
 Only when enabled (flag or ``VITBATCH_ENABLE=1``) does it wrap SGLang's step
 function (:mod:`.step`), after the surface check; otherwise SGLang's multimodal
-path is untouched.
+path is untouched. Only with the encoder prefetch on as well (``--vit-batch-prefetch``,
+``VITBATCH_PREFETCH=1``) does it wrap ``Scheduler.run_batch`` and ``on_idle`` (:mod:`.loop`), after
+the prefetch's own surface check.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ logger = logging.getLogger("vitbatch.sglang")
 
 _registered = False
 _mm_hook_registered = False
+_loop_hook_registered = False
 
 
 def register() -> None:
@@ -48,7 +51,7 @@ def register() -> None:
         logger.error("vitbatch is off in this process: %s", error)
         return
     if settings.enabled:
-        _register_mm_hook()
+        _register_mm_hook(prefetch=settings.prefetch)
 
 
 def _after_add_cli_args(_result: None, parser: argparse.ArgumentParser) -> None:
@@ -62,7 +65,7 @@ def _after_from_cli_args(_result: Any, _cls: type, args: argparse.Namespace) -> 
     os.environ.update(settings.to_env())  # spawned scheduler processes read these
     if (warning := settings.deprecation()) is not None:
         logger.warning("%s", warning)
-    _register_mm_hook()
+    _register_mm_hook(prefetch=settings.prefetch)
     surface.apply_hooks()  # this process's plugins already ran: patch it now too (fork)
 
 
@@ -71,7 +74,7 @@ def _before_resolution(*_args: Any, **_kwargs: Any) -> None:
     Settings.from_env()
 
 
-def _register_mm_hook() -> None:
+def _register_mm_hook(prefetch: bool = False) -> None:
     global _mm_hook_registered
     if _mm_hook_registered:
         return
@@ -83,3 +86,22 @@ def _register_mm_hook() -> None:
     from vitbatch.adapters.sglang.step import around_chunked_prefill
 
     surface.hook_chunked_prefill(around_chunked_prefill)
+    if prefetch:
+        _register_loop_hook()
+
+
+def _register_loop_hook() -> None:
+    """Only where SGLang's scheduler module is loaded already (its scheduler processes,
+    which import it before loading plugins): elsewhere (the detokenizer) the hook would
+    import the whole scheduler for nothing; SGLang spawns its schedulers, never forks."""
+    global _loop_hook_registered
+    if _loop_hook_registered or not surface.scheduler_loaded():
+        return
+    _loop_hook_registered = True
+    problem = surface.prefetch_problem()
+    if problem is not None:  # the step is still vitbatch's; only the prefetch is off
+        logger.error("%s", problem)
+        return
+    from vitbatch.adapters.sglang.loop import after_iteration
+
+    surface.hook_scheduler_loop(after_iteration, after_iteration)

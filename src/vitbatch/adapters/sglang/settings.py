@@ -15,8 +15,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from vitbatch.core import Budget
+from vitbatch.core.prefetch import PrefetchLimits
 
-BOOLEANS = ("enabled", "check_finite")
+BOOLEANS = ("enabled", "check_finite", "prefetch")
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off")
 RENAMED_ENV = "VITBATCH_MAX_TOKENS"
@@ -54,6 +55,11 @@ class Settings:
     cache_mb: int | None = None
     host_cache_mb: int = 0
     check_finite: bool = False
+    prefetch: bool = False
+    prefetch_requests: int = PrefetchLimits.max_requests
+    prefetch_max_patches: int = PrefetchLimits.max_cost
+    prefetch_max_items: int = PrefetchLimits.max_items
+    prefetch_pool_mb: int = PrefetchLimits.max_pool_bytes >> 20
 
     ENV = {
         "enabled": "VITBATCH_ENABLE",
@@ -62,12 +68,23 @@ class Settings:
         "max_items": "VITBATCH_MAX_ITEMS",
         "cache_mb": "VITBATCH_CACHE_MB",
         "host_cache_mb": "VITBATCH_HOST_CACHE_MB",
+        "prefetch": "VITBATCH_PREFETCH",
+        "prefetch_requests": "VITBATCH_PREFETCH_REQUESTS",
+        "prefetch_max_patches": "VITBATCH_PREFETCH_MAX_PATCHES",
+        "prefetch_max_items": "VITBATCH_PREFETCH_MAX_ITEMS",
+        "prefetch_pool_mb": "VITBATCH_PREFETCH_POOL_MB",
     }
     FLAGS = {
         "max_patches": "vit_batch_max_patches",
         "max_items": "vit_batch_max_items",
         "cache_mb": "vit_batch_cache_mb",
         "host_cache_mb": "vit_batch_host_cache_mb",
+    }
+    PREFETCH_FLAGS = {  # each an integer >= 1 (a bound of the look-ahead, never "off")
+        "prefetch_requests": "vit_batch_prefetch_requests",
+        "prefetch_max_patches": "vit_batch_prefetch_max_patches",
+        "prefetch_max_items": "vit_batch_prefetch_max_items",
+        "prefetch_pool_mb": "vit_batch_prefetch_pool_mb",
     }
 
     def __post_init__(self) -> None:
@@ -81,6 +98,19 @@ class Settings:
                     f"vitbatch: --{flag.replace('_', '-')} / {self.ENV[name]} must be an integer "
                     f">= 0 (0: {'unbounded' if name.startswith('max_') else 'off'}), got {value!r}"
                 )
+        for name, flag in self.PREFETCH_FLAGS.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(
+                    f"vitbatch: --{flag.replace('_', '-')} / {self.ENV[name]} must be an integer "
+                    f">= 1, got {value!r}"
+                )
+        if self.prefetch and not self.enabled:
+            raise ValueError(
+                "vitbatch: --vit-batch-prefetch / VITBATCH_PREFETCH=1 needs vitbatch on "
+                "(--enable-vit-batching / VITBATCH_ENABLE=1): the prefetch fills the cache "
+                "vitbatch's step reads"
+            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -114,6 +144,15 @@ class Settings:
     def budget(self) -> Budget:
         """Budget in encoder patches (``Item.cost``, see :func:`core_item`)."""
         return Budget(self.max_patches or None, self.max_items or None)
+
+    def prefetch_limits(self) -> PrefetchLimits:
+        """The look-ahead bounds (:mod:`vitbatch.core.prefetch`), in the core's units."""
+        return PrefetchLimits(
+            max_requests=self.prefetch_requests,
+            max_cost=self.prefetch_max_patches,
+            max_items=self.prefetch_max_items,
+            max_pool_bytes=self.prefetch_pool_mb << 20,
+        )
 
     def deprecation(self) -> str | None:
         """The warning a deprecated setting earns, or ``None``."""
@@ -174,6 +213,40 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         help="Pinned host tier keeping evicted embeddings, MiB, 0: off "
         f"(default {defaults.host_cache_mb}).",
     )
+    group.add_argument(
+        "--vit-batch-prefetch",
+        action="store_true",
+        default=None,
+        help="Encode the images of waiting requests ahead of their admission, on a side CUDA "
+        "stream while the step runs, into SGLang's embedding cache (off by default).",
+    )
+    group.add_argument(
+        "--vit-batch-prefetch-requests",
+        type=int,
+        default=None,
+        help="Waiting requests the prefetch looks at, in queue order "
+        f"(default {defaults.prefetch_requests}).",
+    )
+    group.add_argument(
+        "--vit-batch-prefetch-max-patches",
+        type=int,
+        default=None,
+        help="Most vision patches the prefetch starts per scheduler step "
+        f"(default {defaults.prefetch_max_patches}).",
+    )
+    group.add_argument(
+        "--vit-batch-prefetch-max-items",
+        type=int,
+        default=None,
+        help=f"Most items the prefetch starts per step (default {defaults.prefetch_max_items}).",
+    )
+    group.add_argument(
+        "--vit-batch-prefetch-pool-mb",
+        type=int,
+        default=None,
+        help="Most MiB of prefetched embeddings not yet used, held at once "
+        f"(default {defaults.prefetch_pool_mb}).",
+    )
 
 
 def settings_from_args(
@@ -185,9 +258,10 @@ def settings_from_args(
     base = Settings.from_env(environ)
     given = {
         name: getattr(args, flag)
-        for name, flag in Settings.FLAGS.items()
+        for name, flag in {**Settings.FLAGS, **Settings.PREFETCH_FLAGS}.items()
         if getattr(args, flag, None) is not None
     }
     enabled = base.enabled or bool(getattr(args, "enable_vit_batching", False))
     check_finite = base.check_finite or bool(getattr(args, "vit_batch_check_finite", False))
-    return replace(base, enabled=enabled, check_finite=check_finite, **given)
+    prefetch = base.prefetch or bool(getattr(args, "vit_batch_prefetch", False))
+    return replace(base, enabled=enabled, check_finite=check_finite, prefetch=prefetch, **given)

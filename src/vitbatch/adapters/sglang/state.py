@@ -15,6 +15,7 @@ import torch
 
 from vitbatch.adapters.sglang import surface
 from vitbatch.adapters.sglang.cache import SGLangDeviceTier
+from vitbatch.adapters.sglang.prefetch import Prefetcher
 from vitbatch.adapters.sglang.settings import Settings
 from vitbatch.core import EmbeddingCache, HostReferenceOffload, VitBatcher
 from vitbatch.core.agreement import group_agree
@@ -45,7 +46,27 @@ class AdapterState:
         if (warning := settings.deprecation()) is not None:
             self.log_once("deprecated", "%s", warning)
         self._model_seen = False
-        export_batcher(self.batcher, surface.metric_labels())
+        self.prefetcher = self._prefetcher(settings)
+        export_batcher(
+            self.batcher,
+            surface.metric_labels(),
+            prefetch=(lambda: self.prefetcher.ledger.stats) if self.prefetcher else None,
+        )
+
+    def _prefetcher(self, settings: Settings) -> Prefetcher | None:
+        """The encoder prefetch, when switched on and safe here: at attention-TP size 1 only.
+        Above it every encoder call is a collective over the ranks; a side-stream call
+        beside the step's own collectives could order them differently per rank."""
+        if not (settings.enabled and settings.prefetch):
+            return None
+        if self.batcher.agree is not None:
+            self.log_once(
+                "prefetch-tp",
+                "vitbatch: the encoder prefetch is off at attention-TP size > 1 (encoder calls "
+                "are collectives there); vitbatch's step still serves every multimodal step",
+            )
+            return None
+        return Prefetcher(self.batcher, settings.prefetch_limits(), self.log_once)
 
     @property
     def fallbacks(self) -> int:

@@ -23,11 +23,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from vitbatch.adapters.sglang import surface
+from vitbatch.adapters.sglang.items import core_item, flat_rows
 from vitbatch.adapters.sglang.state import AdapterState, get_state, log_state_error
-from vitbatch.core import Item, RequestChunk, Span, Window
+from vitbatch.core import Item, RequestChunk, Window
 
 if TYPE_CHECKING:
     from vitbatch.adapters.sglang.surface import MultimodalDataItem
+
+__all__ = ["Unsupported", "around_chunked_prefill", "chunked_prefill_embedding", "core_item"]
 
 
 class Unsupported(Exception):
@@ -45,6 +48,8 @@ def around_chunked_prefill(
     try:
         state = get_state()  # inside the try: a state that cannot be built costs speed only
         state.see_model(args[0])
+        if state.prefetcher is not None:  # before anything reads the cache, native path too
+            state.prefetcher.before_step(args[1], args[0], args[6].device)
         return chunked_prefill_embedding(state, original, *args)
     except Unsupported as reason:
         state.batcher.note_fallback("unsupported")
@@ -65,31 +70,6 @@ def around_chunked_prefill(
             exc_info=True,
         )
     return original(*args)
-
-
-def core_item(item: MultimodalDataItem) -> Item:
-    """A ``MultimodalDataItem`` as a core item (SGLang offsets are inclusive ``(start, end)``)."""
-    spans = tuple(Span(start, end - start + 1) for start, end in item.offsets)
-    feature = item.feature if isinstance(item.feature, torch.Tensor) else None
-    num_tokens = sum(span.length for span in spans)
-    return Item(
-        hash=item.hash,
-        modality=str(getattr(item.modality, "name", item.modality)).lower(),
-        num_tokens=num_tokens,
-        spans=spans,
-        features=feature,
-        cost=_patches(feature, num_tokens),
-        payload=item,
-    )
-
-
-def _patches(feature: torch.Tensor | None, num_tokens: int) -> int:
-    """Encoder input units of an item: the rows of a flattened-patch feature
-    (Qwen-VL family: one row per patch before merging); embedding rows where the
-    feature has another layout (e.g. ``[images, C, H, W]`` pixel tensors)."""
-    if feature is not None and feature.dim() == 2 and feature.shape[0] >= num_tokens:
-        return int(feature.shape[0])
-    return num_tokens
 
 
 def _check_order(items: Sequence[Item]) -> None:
@@ -207,12 +187,7 @@ def _engine_encoder(
                 if isinstance(feature, torch.Tensor) and feature.device != device:
                     engine_item.feature = state.offload.to_device(feature, device)
                     moved.append(engine_item)
-        output = data_embedding_func(engine_items)
-        if isinstance(output, list):
-            return [embedding.reshape(-1, embedding.shape[-1]) for embedding in output]
-        if isinstance(output, torch.Tensor):
-            return output.reshape(-1, output.shape[-1])
-        return output  # the core reports anything else as a clear error → native fallback
+        return flat_rows(data_embedding_func(engine_items))  # anything else: native fallback
 
     return encode
 
