@@ -123,8 +123,24 @@ def test_manager_check_pending_catches_misspelled_hooks() -> None:
 # The engine's door and the import graph, read from the sources
 # ---------------------------------------------------------------------------
 ENGINES = ("vllm", "sglang")
-SURFACES = {SRC / "adapters" / engine / "surface.py" for engine in ENGINES}
+
+
+def surface_files(engine: str) -> set[Path]:
+    """The files of an engine's surface: ``adapters/<engine>/surface.py``, or every module of
+    the package ``adapters/<engine>/surface/`` where the surface is one."""
+    adapter = SRC / "adapters" / engine
+    package = adapter / "surface"
+    return set(package.rglob("*.py")) if package.is_dir() else {adapter / "surface.py"}
+
+
+SURFACES = set().union(*(surface_files(engine) for engine in ENGINES))
 SEAM = ("vitbatch/core/hooks.py", "vitbatch.plugin")  # documented lazy seam: core -> plugin
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_each_engine_has_its_surface(engine: str) -> None:
+    files = surface_files(engine)
+    assert files and all(path.is_file() for path in files), (engine, sorted(map(str, files)))
 
 
 def modules() -> dict[str, Path]:
@@ -181,11 +197,13 @@ def private_names_used(path: Path) -> list[tuple[int, str]]:
     "path", sorted(set(modules().values()) - SURFACES), ids=lambda p: str(p.relative_to(SRC))
 )
 def test_only_the_surface_modules_touch_an_engine(path: Path) -> None:
-    """An engine is imported, and its private names touched, by its surface module alone:
-    a name with a leading underscore that vitbatch never defines is the engine's."""
+    """An engine is imported, and its private names touched, by its surface alone (the
+    module, or every module of the package): a name with a leading underscore that vitbatch
+    never defines is the engine's."""
     for module, _ in imports_of(path):
         assert module.split(".")[0] not in ENGINES, (
-            f"{path.relative_to(SRC)} imports {module}: only adapters/<engine>/surface.py may"
+            f"{path.relative_to(SRC)} imports {module}: "
+            "only adapters/<engine>/surface (its module or package) may"
         )
     ours = vitbatch_defines()
     foreign = [(line, name) for line, name in private_names_used(path) if name not in ours]

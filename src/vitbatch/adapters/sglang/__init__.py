@@ -16,8 +16,9 @@ One module per job:
 * :mod:`.prefetch`, :mod:`.side_stream`, :mod:`.loop` - the encoder prefetch
   (``--vit-batch-prefetch``): its pool, its one place of stream switching, and the
   hook on the scheduler loop;
-* :mod:`.surface` - the only module that imports SGLang or touches its
-  internals; the start-up check is generated from its accessors.
+* :mod:`.surface` - the only package that imports SGLang or touches its
+  internals (one module per job, read through the package alone); the start-up
+  check is generated from its accessors.
 """
 
 from __future__ import annotations
