@@ -123,7 +123,13 @@ def test_manager_check_pending_catches_misspelled_hooks() -> None:
 # The engine's door and the import graph, read from the sources
 # ---------------------------------------------------------------------------
 ENGINES = ("vllm", "sglang")
-SURFACES = {SRC / "adapters" / engine / "surface.py" for engine in ENGINES}
+# adapters/<engine>/surface.py, or every module of an adapters/<engine>/surface/ package
+SURFACES = {
+    path
+    for engine in ENGINES
+    for path in (SRC / "adapters" / engine).rglob("*.py")
+    if path.relative_to(SRC / "adapters" / engine).parts[0] in ("surface.py", "surface")
+}
 SEAM = ("vitbatch/core/hooks.py", "vitbatch.plugin")  # documented lazy seam: core -> plugin
 
 
@@ -181,11 +187,11 @@ def private_names_used(path: Path) -> list[tuple[int, str]]:
     "path", sorted(set(modules().values()) - SURFACES), ids=lambda p: str(p.relative_to(SRC))
 )
 def test_only_the_surface_modules_touch_an_engine(path: Path) -> None:
-    """An engine is imported, and its private names touched, by its surface module alone:
+    """An engine is imported, and its private names touched, by its surface alone:
     a name with a leading underscore that vitbatch never defines is the engine's."""
     for module, _ in imports_of(path):
         assert module.split(".")[0] not in ENGINES, (
-            f"{path.relative_to(SRC)} imports {module}: only adapters/<engine>/surface.py may"
+            f"{path.relative_to(SRC)} imports {module}: only adapters/<engine>/surface(.py|/) may"
         )
     ours = vitbatch_defines()
     foreign = [(line, name) for line, name in private_names_used(path) if name not in ours]
