@@ -17,8 +17,8 @@ This package is the role-routed shell; the modules, top to bottom:
   :mod:`.worker_prefetch` (both runners' prefetch steps);
 * :mod:`.metadata` - the per-step message from scheduler to workers (shared);
 * :mod:`.options` - the options and where vLLM's config carries them;
-* :mod:`.surface` - the only module that touches vLLM: every vLLM name used,
-  behind accessors, and the start-up check generated from them
+* :mod:`.surface` - the only package that touches vLLM (one module per job):
+  every vLLM name used, behind accessors, and the start-up check generated from them
   (:mod:`.probing` and :mod:`.patching`, engine-free, do the probing and wrapping).
 
 Importing this package imports no vLLM: :func:`register` and the lazy
