@@ -66,6 +66,7 @@ def test_arena_matches_a_dict_model(ops, blocks) -> None:
         assert arena.used <= arena.capacity
         owned = [block for key in arena.keys() for block in arena.entry(key).blocks]
         assert len(owned) == len(set(owned))  # no block belongs to two entries
+        assert arena.row_bytes == sum(arena.entry(key).nbytes for key in arena.keys())
         if arena._segments:  # allocated at the first block demotion
             assert len(owned) + len(set(arena._free)) == blocks == len(owned) + len(arena._free)
     for key, value in model.items():

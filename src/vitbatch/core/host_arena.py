@@ -93,6 +93,7 @@ class HostArena:
         self._free: list[int] = []
         self._released: dict[int, Any] = {}  # block -> event after its last restore read
         self._stream: Any = None
+        self._row_bytes = 0
 
     # -- sizes and lookups ----------------------------------------------------
     @property
@@ -101,8 +102,12 @@ class HostArena:
 
     @property
     def row_bytes(self) -> int:
-        """Bytes of the rows held, without the blocks' rounding (what metrics report)."""
-        return sum(entry.nbytes for entry in self._index.entries.values())
+        """Bytes of the rows held, without the blocks' rounding (what metrics report).
+
+        A running count, not a sum over the entries: the metrics read it after
+        every step that moved the tier, and the tier may hold thousands of entries.
+        """
+        return self._row_bytes
 
     def __contains__(self, key: object) -> bool:
         return key in self._index
@@ -158,6 +163,7 @@ class HostArena:
                 self._free.extend(entry.blocks)
                 return None
         self._index.put(key, entry)
+        self._row_bytes += entry.nbytes
         return [victim_key for victim_key, _ in evicted]
 
     # -- restore --------------------------------------------------------------
@@ -237,6 +243,8 @@ class HostArena:
         return runs
 
     def _release(self, entry: HostEntry) -> None:
+        """Free an entry leaving the index (evicted or discarded; once per entry)."""
+        self._row_bytes -= entry.nbytes
         # Reversed: the free list is popped from its end, so an entry's blocks come
         # back out in ascending order and the next entry's copies coalesce (_runs).
         self._free.extend(reversed(entry.blocks))
