@@ -79,6 +79,31 @@ def test_snapshot_reaches_the_collector(tmp_path, monkeypatch) -> None:
     assert f"vitbatch_cost_per_call_count{{{lab}}} 2.0" in text
 
 
+def test_snapshots_are_written_at_most_every_interval_and_the_last_values_follow(
+    tmp_path,
+) -> None:
+    """Many steps in a burst write one file at once and one at the interval's end (with the
+    latest values), not one per step: each write cost the step loop about 2 ms."""
+    import json
+    import time
+
+    writer = metrics.SnapshotWriter(str(tmp_path), {"model_name": "m"}, None)
+    b = batcher()
+    b.observers.append(writer)
+    writes = []
+    original = writer._write
+    writer._write = lambda data: (writes.append(data), original(data))
+    for _ in range(50):
+        step(b, calls=1)
+    assert len(writes) == 1
+    time.sleep(3 * metrics.SNAPSHOT_INTERVAL_S)
+    assert len(writes) == 2
+    (path,) = tmp_path.glob("vitbatch-*.json")
+    assert json.loads(path.read_text())["counters"]["vitbatch_encoder_calls"] == 50
+    b.observers[-1].on_fallback(b, "error")  # a fallback is written at once
+    assert len(writes) == 3
+
+
 def test_serve_engine_metrics_makes_a_private_directory(monkeypatch) -> None:
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     monkeypatch.delenv(metrics.DIR_ENV, raising=False)

@@ -163,6 +163,37 @@ def test_evicted_entry_is_demoted_then_restored_as_cached() -> None:
     assert_accounting(manager)
 
 
+@pytest.mark.parametrize("admission", ["all", "repeated"])
+def test_repeated_admission_demotes_only_images_a_second_request_asked_for(admission) -> None:
+    """host_admission="repeated": an image one request asked for is dropped at eviction
+    (as vLLM drops it: no copy, no host memory); one asked for by two is demoted."""
+    options = VllmOptions.parse({"host_admission": admission}, "t")
+    manager = Manager(cache_size=12, options=options, host_capacity_embeds=100)
+    first = make_request("r1", [("once", 4), ("twice", 4)])
+    assert schedule(manager, first) == [0, 1]
+    again = make_request("r2", [("twice", 4)])
+    assert schedule(manager, again) == []  # a device-cache hit, asked by a second request
+    for request in (first, again):
+        manager.free(request)
+    end_step(manager)
+    # Retries of one request (same id) do not count as a second request.
+    assert schedule(manager, make_request("r3", [("big", 12)]), budget=0) == []
+    assert manager.check_and_update_cache(make_request("r3", [("big", 12)]), 0) is False
+    assert schedule(manager, make_request("r3", [("big", 12)])) == [0]  # evicts both
+    freed, metadata = end_step(manager)
+    assert sorted(freed) == ["once", "twice"]
+    if admission == "all":
+        assert sorted(metadata.demote) == ["once", "twice"]
+        assert manager.stats.not_admitted == 0
+    else:
+        assert metadata.demote == ("twice",) and "once" not in manager.host
+        assert manager.stats.not_admitted == 1 and manager.stats.demotions == 1
+        assert not manager._seen.repeated("big")  # one request, asked three times
+        manager.free(make_request("r3", [("big", 12)]))
+        manager.reset()  # forgets who asked
+        assert not manager._seen.repeated("twice")
+
+
 def test_native_manager_would_re_encode() -> None:
     """The same sequence with vLLM's own manager: the evicted image must be encoded again."""
     manager = EncoderCacheManager(cache_size=10)
@@ -285,6 +316,7 @@ def test_options() -> None:
         ({"host_cache_bytes": -1}, "host_cache_bytes in SRC: got -1; expected an integer >= 0"),
         ({"host_cache_bytes": None}, "host_cache_bytes in SRC: got None"),
         ({"check_finite": "yes"}, "check_finite in SRC: got 'yes'; expected true or false"),
+        ({"host_admission": "twice"}, r"host_admission in SRC: got 'twice'; expected one of"),
         ([1, 2], "in SRC: expected a JSON object"),
     ],
 )

@@ -103,6 +103,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--host-cache-gb", type=float, default=1.0, help="vitbatch's host_cache_bytes, in GiB"
     )
     parser.add_argument(
+        "--host-admission",
+        default="all",
+        choices=("all", "repeated"),
+        help="vitbatch's host_admission: which evicted entries go to the host tier",
+    )
+    parser.add_argument(
         "--ec-cpu-gb", type=float, default=1.0, help="ECCPUConnector's ec_cpu_bytes, in GiB"
     )
     parser.add_argument(
@@ -193,6 +199,8 @@ def variants(args: argparse.Namespace, runner: str) -> list[tuple[str, dict[str,
                 "max_batch_patches": patches or None,
                 "host_cache_bytes": int(args.host_cache_gb * 2**30),
             }
+            if getattr(args, "host_admission", "all") != "all":
+                options["host_admission"] = args.host_admission
             out.append((label, {"engine": "vitbatch", "options": options}))
     if "eccpu" in args.modes and (runner == "v1" or v2_runner_takes_ec_connector()):
         out.append(

@@ -12,7 +12,8 @@ device-side wait: no host synchronisation) and copies back from the blocks.
 Blocks, not one contiguous run per entry: the tier is a least-recently-used
 cache, entries of very different sizes come and go, and a block list never
 fragments (an entry wastes less than one block). An entry's bytes are copied
-one block-sized slice at a time.
+one run of consecutive blocks at a time: the free list hands blocks out in
+ascending runs, so a demotion into a fresh or recently freed area is one copy.
 
 Ordering, without waiting on the host:
 
@@ -41,6 +42,11 @@ import torch
 from vitbatch.core.host_tier import LruTier, tensor_bytes
 
 DEFAULT_BLOCK_BYTES = 1 << 20
+#: Largest single pinned allocation. PyTorch's pinned allocator rounds every request
+#: up to a power of two, so one 1.2 GB arena would pin 2 GiB (and take that much
+#: longer to pin, inside the step of the first demotion); segments of at most a power
+#: of two each waste less than one block.
+SEGMENT_BYTES = 1 << 28
 
 
 @dataclass
@@ -82,10 +88,12 @@ class HostArena:
         self.block_bytes = block_bytes
         self.copy_host_tensors = copy_host_tensors
         self._index: LruTier[Hashable, HostEntry] = LruTier(capacity_bytes, _footprint(self))
-        self._buffer: torch.Tensor | None = None
+        self._segments: list[torch.Tensor] = []  # the arena, in pinned segments
+        self._per_segment = max(1, SEGMENT_BYTES // block_bytes)  # blocks per segment
         self._free: list[int] = []
         self._released: dict[int, Any] = {}  # block -> event after its last restore read
         self._stream: Any = None
+        self._row_bytes = 0
 
     # -- sizes and lookups ----------------------------------------------------
     @property
@@ -94,8 +102,12 @@ class HostArena:
 
     @property
     def row_bytes(self) -> int:
-        """Bytes of the rows held, without the blocks' rounding (what metrics report)."""
-        return sum(entry.nbytes for entry in self._index.entries.values())
+        """Bytes of the rows held, without the blocks' rounding (what metrics report).
+
+        A running count, not a sum over the entries: the metrics read it after
+        every step that moved the tier, and the tier may hold thousands of entries.
+        """
+        return self._row_bytes
 
     def __contains__(self, key: object) -> bool:
         return key in self._index
@@ -151,6 +163,7 @@ class HostArena:
                 self._free.extend(entry.blocks)
                 return None
         self._index.put(key, entry)
+        self._row_bytes += entry.nbytes
         return [victim_key for victim_key, _ in evicted]
 
     # -- restore --------------------------------------------------------------
@@ -172,8 +185,7 @@ class HostArena:
         cuda = entry.home.type == "cuda"
         if cuda:
             torch.cuda.current_stream(entry.home).wait_event(entry.ready)
-        for start, block in zip(range(0, entry.nbytes, self.block_bytes), entry.blocks):
-            length = min(self.block_bytes, entry.nbytes - start)
+        for start, block, length in self._runs(entry.blocks, entry.nbytes):
             flat[start : start + length].copy_(self._block(block, length), non_blocking=cuda)
         if cuda:
             released = torch.cuda.Event()
@@ -204,54 +216,88 @@ class HostArena:
     def _blocks_for(self, nbytes: int) -> int:
         return max(1, -(-nbytes // self.block_bytes))
 
+    def _runs(self, blocks: list[int], nbytes: int) -> list[tuple[int, int, int]]:
+        """``(byte offset in the entry, first block, bytes)`` per run of consecutive blocks.
+
+        Why: one copy per run, not per block - a 1008-pixel image's embedding is
+        36 blocks of 256 KiB, and each block copy is a Python slice and a copy
+        launch on the step path; the free list hands blocks out in ascending runs
+        (see :meth:`_release`), so a demotion is mostly one copy.
+        """
+        runs: list[tuple[int, int, int]] = []
+        for index, block in enumerate(blocks):
+            start = index * self.block_bytes
+            length = min(self.block_bytes, nbytes - start)
+            if length <= 0:
+                break
+            # Only an entry's last block is partial, so a run so far is whole blocks;
+            # a run stays inside one segment.
+            if (
+                runs
+                and block % self._per_segment
+                and block == runs[-1][1] + runs[-1][2] // self.block_bytes
+            ):
+                runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + length)
+            else:
+                runs.append((start, block, length))
+        return runs
+
     def _release(self, entry: HostEntry) -> None:
-        self._free.extend(entry.blocks)
+        """Free an entry leaving the index (evicted or discarded; once per entry)."""
+        self._row_bytes -= entry.nbytes
+        # Reversed: the free list is popped from its end, so an entry's blocks come
+        # back out in ascending order and the next entry's copies coalesce (_runs).
+        self._free.extend(reversed(entry.blocks))
         entry.blocks = []
         entry.tensor = None
 
     def _ensure_buffer(self, device: torch.device) -> bool:
-        if self._buffer is not None:
+        if self._segments:
             return True
         blocks = self.capacity // self.block_bytes
         if blocks == 0:
             return False
         pin = device.type == "cuda"
-        self._buffer = torch.empty(blocks * self.block_bytes, dtype=torch.uint8, pin_memory=pin)
+        for first in range(0, blocks, self._per_segment):
+            count = min(self._per_segment, blocks - first)
+            size = count * self.block_bytes
+            self._segments.append(torch.empty(size, dtype=torch.uint8, pin_memory=pin))
         self._free = list(range(blocks - 1, -1, -1))
         if pin:
             self._stream = torch.cuda.Stream(device)
         return True
 
     def _block(self, block: int, length: int) -> torch.Tensor:
-        assert self._buffer is not None
-        start = block * self.block_bytes
-        return self._buffer[start : start + length]
+        """``length`` bytes from the start of ``block`` (within its segment)."""
+        segment, index = divmod(block, self._per_segment)
+        start = index * self.block_bytes
+        return self._segments[segment][start : start + length]
 
     def _gather(self, entry: HostEntry) -> torch.Tensor:
-        parts = [
-            self._block(block, min(self.block_bytes, entry.nbytes - start))
-            for start, block in zip(range(0, entry.nbytes, self.block_bytes), entry.blocks)
-        ]
+        runs = self._runs(entry.blocks, entry.nbytes)
+        parts = [self._block(block, length) for _, block, length in runs]
         flat = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
         return flat[: entry.nbytes].view(entry.dtype).view(entry.shape)
 
     def _copy_out(self, tensor: torch.Tensor, blocks: list[int]) -> Any:
         """Enqueue the copy of ``tensor`` into ``blocks``; the event it completes, if any."""
         source = tensor.contiguous().view(-1).view(torch.uint8)
+        runs = self._runs(blocks, source.numel())
         if tensor.device.type != "cuda":
-            for start, block in zip(range(0, source.numel(), self.block_bytes), blocks):
-                piece = source[start : start + self.block_bytes]
-                self._block(block, piece.numel()).copy_(piece)
+            for start, block, length in runs:
+                self._block(block, length).copy_(source[start : start + length])
             return None
         stream = self._stream
         stream.wait_stream(torch.cuda.current_stream(tensor.device))
         with torch.cuda.stream(stream):
-            for start, block in zip(range(0, source.numel(), self.block_bytes), blocks):
+            waited: list[Any] = []  # one restore's event covers every block it read
+            for block in blocks:
                 released = self._released.pop(block, None)
-                if released is not None:
+                if released is not None and all(released is not e for e in waited):
+                    waited.append(released)
                     stream.wait_event(released)
-                piece = source[start : start + self.block_bytes]
-                self._block(block, piece.numel()).copy_(piece, non_blocking=True)
+            for start, block, length in runs:
+                self._block(block, length).copy_(source[start : start + length], non_blocking=True)
             ready = torch.cuda.Event()
             ready.record(stream)
         source.record_stream(stream)

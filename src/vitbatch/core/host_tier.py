@@ -114,3 +114,33 @@ class LruTier(Generic[K, V]):
     def clear(self) -> None:
         self.entries.clear()
         self.used = 0
+
+
+class SeenTwice(Generic[K]):
+    """Which keys more than one asker asked for: an admission filter for a host tier.
+
+    Why: demoting an entry costs a device-to-host copy and host memory, and pays
+    off only if the entry is asked for again. On traffic whose images never
+    return, admitting only keys already asked for twice makes no demotion at all.
+    A key is remembered with its first asker (chunks and retries of one request
+    ask again under the same asker); the least recently asked are forgotten
+    beyond ``window`` keys (about 100 bytes each).
+    """
+
+    def __init__(self, window: int = 1 << 16) -> None:
+        self.window = window
+        self._first: OrderedDict[K, Hashable | None] = OrderedDict()  # None: asked twice
+
+    def note(self, key: K, asker: Hashable) -> None:
+        first = self._first.get(key, asker)
+        if key in self._first:
+            self._first.move_to_end(key)
+        self._first[key] = None if first != asker else first
+        if len(self._first) > self.window:
+            self._first.popitem(last=False)
+
+    def repeated(self, key: K) -> bool:
+        return key in self._first and self._first[key] is None
+
+    def clear(self) -> None:
+        self._first.clear()

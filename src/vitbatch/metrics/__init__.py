@@ -46,6 +46,7 @@ from vitbatch.metrics.definitions import (
 from vitbatch.metrics.export import export_batcher, sync
 from vitbatch.metrics.push import PrometheusObserver
 from vitbatch.metrics.snapshot import (
+    SNAPSHOT_INTERVAL_S,
     SnapshotCollector,
     SnapshotWriter,
     _served,  # noqa: F401 - the serving process's collectors by directory (tests look)
@@ -66,6 +67,7 @@ __all__ = [
     "Prefetch",
     "PrometheusObserver",
     "SnapshotCollector",
+    "SNAPSHOT_INTERVAL_S",
     "SnapshotWriter",
     "core_host_tier",
     "export_batcher",

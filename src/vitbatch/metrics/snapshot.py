@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from itertools import count
 from typing import TYPE_CHECKING, Any
@@ -42,8 +43,16 @@ if TYPE_CHECKING:
 _snapshot_ids = count()
 
 
+#: Least time between two snapshot files of one writer. Why: writing one (JSON, a
+#: file, a rename) cost about 2 ms of the engine's step loop, twice a step on a busy
+#: vLLM server; scrapes come seconds apart. Values within the interval are written
+#: by a timer at its end, so the file lags the step by at most this much.
+SNAPSHOT_INTERVAL_S = 0.2
+
+
 class SnapshotWriter:
-    """Writes the batcher's cumulative values to ``directory`` after each step."""
+    """Writes the batcher's cumulative values to ``directory`` after a step, at most
+    every :data:`SNAPSHOT_INTERVAL_S` (a fallback: at once)."""
 
     def __init__(
         self,
@@ -58,8 +67,12 @@ class SnapshotWriter:
         self._prefetch = prefetch
         self._path = os.path.join(directory, f"vitbatch-{os.getpid()}-{next(_snapshot_ids)}.json")
         self._lock = threading.Lock()
+        self._written = -SNAPSHOT_INTERVAL_S  # time.monotonic() of the last file
+        self._pending: dict[str, Any] | None = None  # the latest values not yet written
+        self._timer: threading.Timer | None = None
 
-    def sync(self, batcher: VitBatcher) -> None:
+    def _data(self, batcher: VitBatcher) -> dict[str, Any]:
+        """The values now (read on the step's thread: the batcher is not locked)."""
         counters, gauges = values_of(batcher, self._host_tier, self._prefetch)
         totals = batcher.totals
         histograms = {
@@ -67,7 +80,7 @@ class SnapshotWriter:
             for name, (_, _, field) in HISTOGRAMS.items()
             for h in (getattr(totals, field),)
         }
-        data = {
+        return {
             "pid": os.getpid(),
             "labels": self._labels,
             "counters": counters,
@@ -75,17 +88,44 @@ class SnapshotWriter:
             "histograms": histograms,
             "fallbacks": dict(totals.fallbacks),
         }
+
+    def sync(self, batcher: VitBatcher, *, now: bool = False) -> None:
+        data = self._data(batcher)
         with self._lock:
-            tmp = self._path + ".tmp"
-            with open(tmp, "w") as file:
-                json.dump(data, file)
-            os.replace(tmp, self._path)
+            wait = self._written + SNAPSHOT_INTERVAL_S - time.monotonic()
+            if wait > 0 and not now:
+                self._pending = data
+                if self._timer is None:
+                    self._timer = threading.Timer(wait, self._flush)
+                    self._timer.daemon = True
+                    self._timer.start()
+                return
+            self._pending = None
+            self._write(data)
+
+    def _flush(self) -> None:
+        with self._lock:
+            self._timer = None
+            if self._pending is not None:
+                data, self._pending = self._pending, None
+                try:
+                    self._write(data)
+                except OSError:  # the serving process removed the directory: it is gone
+                    pass
+
+    def _write(self, data: dict[str, Any]) -> None:
+        """Write ``data`` (the caller holds the lock)."""
+        tmp = self._path + ".tmp"
+        with open(tmp, "w") as file:
+            json.dump(data, file)
+        os.replace(tmp, self._path)
+        self._written = time.monotonic()
 
     def on_step(self, batcher: VitBatcher, stats: StepStats) -> None:
         self.sync(batcher)
 
     def on_fallback(self, batcher: VitBatcher, reason: str) -> None:
-        self.sync(batcher)
+        self.sync(batcher, now=True)
 
 
 def _alive(pid: int) -> bool:

@@ -35,6 +35,8 @@ ENV_VAR = "VITBATCH_VLLM"
 MANAGER_CLASS_NAME = "VitBatchEncoderCacheManager"
 #: What ``--ec-manager-config``'s ``encoder_cache_manager_cls`` names (vLLM 0.27+).
 MANAGER_QUALNAME = f"vitbatch.adapters.vllm.{MANAGER_CLASS_NAME}"
+#: Values of ``host_admission`` (see :class:`VllmOptions`).
+HOST_ADMISSIONS = ("all", "repeated")
 
 
 #: Prefetch option -> the :class:`~vitbatch.core.prefetch.PrefetchLimits` field it sets.
@@ -81,6 +83,13 @@ class VllmOptions:
         on each worker, outside vLLM's encoder cache and KV budget: size it from
         the memory vLLM leaves free (``1 - gpu_memory_utilization`` of the GPU,
         less the encoder's activations).
+    :param host_admission: which entries vLLM evicts go to the host tier.
+        ``"all"`` (the default): every one - the second request for an image may
+        come only after its eviction (the ``reask`` bench: 1.6x there). ``"repeated"``:
+        only images at least two requests asked for before the eviction; on
+        traffic whose images never return no demotion is made (no device-to-host
+        copies, no arena), but an image asked again only after its first
+        eviction is encoded again (``reask`` then gains nothing).
     """
 
     max_batch_patches: int | None = None
@@ -93,6 +102,7 @@ class VllmOptions:
     prefetch_max_cost: int = 8192
     prefetch_max_items: int = 16
     prefetch_pool_bytes: int = 1 << 30
+    host_admission: str = "all"
 
     @classmethod
     def parse(cls, config: Mapping[str, Any] | None, source: str) -> VllmOptions:
@@ -130,6 +140,11 @@ class VllmOptions:
                     f"vitbatch option {name} in {source}: got {config[name]!r}; "
                     "expected true or false"
                 )
+        if config.get("host_admission", "all") not in HOST_ADMISSIONS:
+            raise ValueError(
+                f"vitbatch option host_admission in {source}: got {config['host_admission']!r}; "
+                f"expected one of {list(HOST_ADMISSIONS)}"
+            )
         return cls(**config)
 
     @property

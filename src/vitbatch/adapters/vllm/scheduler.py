@@ -40,7 +40,7 @@ from vitbatch.adapters.vllm import surface
 from vitbatch.adapters.vllm.metadata import VitBatchStepMetadata, attach
 from vitbatch.adapters.vllm.options import VllmOptions, configured_options
 from vitbatch.adapters.vllm.prefetch_plan import PrefetchPlanner, planner_for
-from vitbatch.core.host_tier import LruTier
+from vitbatch.core.host_tier import LruTier, SeenTwice
 
 EncoderCacheManager = surface.manager_base()
 logger = logging.getLogger("vllm.vitbatch")
@@ -65,6 +65,9 @@ class SchedulerStats:
     """host-tier hits that could not get device-cache room (encoded instead)."""
     prefetch_hits: int = 0
     """inputs counted as cached because a prefetch holds them (no encoder budget)."""
+    not_admitted: int = 0
+    """evicted entries left out of the host tier by ``host_admission="repeated"``
+    (asked for by one request only)."""
 
 
 class VitBatchEncoderCacheManager(EncoderCacheManager):
@@ -136,6 +139,10 @@ class VitBatchEncoderCacheManager(EncoderCacheManager):
         self._drop: list[str] = []
         self._reset = False
         self.prefetch = prefetch
+        # host_admission="repeated": which images more than one request asked for.
+        self._seen: SeenTwice[str] | None = (
+            SeenTwice() if self.options.host_admission == "repeated" else None
+        )
         managers.add(self)
 
     def reset(self) -> None:
@@ -148,6 +155,8 @@ class VitBatchEncoderCacheManager(EncoderCacheManager):
         self._promised = None
         self._restore, self._demote, self._drop = [], [], []
         self._reset = True
+        if self._seen is not None:
+            self._seen.clear()
 
     def _evicting(self, wanted: int, evict: Callable[[], bool]) -> bool:
         """Run vLLM's eviction (``evict``: its ``can_allocate``), noting the rows it evicts.
@@ -187,6 +196,8 @@ class VitBatchEncoderCacheManager(EncoderCacheManager):
         self._promised = None
 
     def check_and_update_cache(self, request: Any, input_id: int) -> bool:
+        if self._seen is not None:
+            self._seen.note(surface.request_input(request, input_id)[0], request.request_id)
         if super().check_and_update_cache(request, input_id):
             self.stats.cache_hits += 1
             if self.prefetch is not None:  # a prefetched twin is not needed any more
@@ -271,6 +282,9 @@ class VitBatchEncoderCacheManager(EncoderCacheManager):
         for mm_hash in freed:
             rows = self._evicted_sizes.get(mm_hash)
             if rows is None:
+                continue
+            if self._seen is not None and not self._seen.repeated(mm_hash):
+                self.stats.not_admitted += 1  # vLLM's workers drop it, as without vitbatch
                 continue
             evicted = self.host.put(mm_hash, rows)
             for victim, _ in evicted or ():
