@@ -16,19 +16,29 @@ makes for the whole step, or none for a single view.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 import pluggy
 import torch
 
 from vitbatch.core.errors import AssemblyError, NoEncoderError
 from vitbatch.core.hooks import call_first_result
-from vitbatch.core.items import EngineEncoder, Item, ItemKey, RequestChunk, Window
+from vitbatch.core.items import EngineEncoder, Item, ItemKey, RequestChunk
+from vitbatch.core.pieces import assembles_by_pieces, by_pieces, chunk_pieces, join_pieces
 from vitbatch.core.planner import MicroBatch
 from vitbatch.core.validate import check_finite as check_all_finite
 from vitbatch.core.validate import split_encoder_output
+
+__all__ = [  # the piece helpers live in core/pieces.py; named here for existing imports
+    "Encoded",
+    "assemble_chunk",
+    "assemble_pieces",
+    "by_pieces",
+    "chunk_pieces",
+    "encode_batch",
+    "join_pieces",
+]
 
 
 @dataclass
@@ -84,52 +94,6 @@ def encode_batch(
     return [Encoded(item, embedding, plugin_name) for item, embedding in zip(batch.items, per_item)]
 
 
-_BY_PIECES = "_vitbatch_assembles_by_pieces"
-
-F = TypeVar("F", bound=Callable[..., object])
-
-
-def by_pieces(function: F) -> F:
-    """Mark a ``vitbatch_assemble_chunk`` implementation that returns exactly
-    ``join_pieces(chunk_pieces(window, items, embeddings))``: while every implementation
-    on the hook is so marked, the batcher makes the pieces itself and skips the join."""
-    setattr(function, _BY_PIECES, True)
-    return function
-
-
-def chunk_pieces(
-    window: Window, items: Sequence[Item], embeddings: Sequence[torch.Tensor]
-) -> list[torch.Tensor]:
-    """One request's rows inside ``window``, in position order, as views of ``embeddings``.
-
-    Consecutive pieces of one item whose rows follow each other (an item's runs
-    inside the window always do) are one view; an item the window holds whole is
-    its embedding itself.
-    """
-    spans: list[tuple[int, int, int, int]] = []  # (position, item index, first row, rows)
-    for index, item in enumerate(items):
-        spans.extend((position, index, row, rows) for position, row, rows in item.rows_in(window))
-    spans.sort(key=lambda span: span[0])
-    merged: list[list[int]] = []
-    for _, index, row, rows in spans:
-        last = merged[-1] if merged else None
-        if last is not None and last[0] == index and last[1] + last[2] == row:
-            last[2] += rows
-        else:
-            merged.append([index, row, rows])
-    pieces = []
-    for index, row, rows in merged:
-        embedding = embeddings[index]
-        whole = row == 0 and rows == embedding.shape[0]
-        pieces.append(embedding if whole else embedding[row : row + rows])
-    return pieces
-
-
-def join_pieces(pieces: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The pieces as one tensor: the piece itself when there is one, else one ``torch.cat``."""
-    return pieces[0] if len(pieces) == 1 else torch.cat(list(pieces), dim=0)
-
-
 def assemble_pieces(
     plugin_manager: pluggy.PluginManager,
     chunk: RequestChunk,
@@ -143,7 +107,7 @@ def assemble_pieces(
     hook answers (:func:`assemble_chunk`).
     """
     impls = plugin_manager.hook.vitbatch_assemble_chunk.get_hookimpls()
-    if not impls or not all(getattr(impl.function, _BY_PIECES, False) for impl in impls):
+    if not impls or not all(assembles_by_pieces(impl.function) for impl in impls):
         return [assemble_chunk(plugin_manager, chunk, items, embeddings)]
     pieces = chunk_pieces(chunk.window, items, [embeddings[item.key] for item in items])
     expected = sum(rows for item in items for _, _, rows in item.rows_in(chunk.window))

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vitbatch.core.calls import by_pieces, chunk_pieces, join_pieces
+from vitbatch.core.pieces import by_pieces, chunk_pieces, join_pieces
 from vitbatch.plugin.hookspecs import hookimpl
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ def vitbatch_assemble_chunk(
     """Each item's rows inside the window as one view, in position order; the item's own
     tensor when the window holds it whole; one ``torch.cat`` only for several items.
 
-    Marked :func:`~vitbatch.core.calls.by_pieces`: while no other implementation is
+    Marked :func:`~vitbatch.core.pieces.by_pieces`: while no other implementation is
     registered the batcher takes these views unjoined, and the adapter makes the
     step's one concatenation (its engine's), or none.
     """
