@@ -156,7 +156,7 @@ def test_vllm_host_tier_step_makes_no_sync_after_the_arena_exists() -> None:
 
     from torch.profiler import record_function
 
-    from vitbatch.adapters.vllm import worker_state
+    from vitbatch.adapters.vllm import worker_host_tier, worker_state
     from vitbatch.adapters.vllm.metadata import VitBatchStepMetadata
 
     rows, hidden = 1024, 3584  # one Qwen2.5-VL image of 1024 embeddings, bfloat16: 7 MiB
@@ -175,7 +175,7 @@ def test_vllm_host_tier_step_makes_no_sync_after_the_arena_exists() -> None:
             host_capacity_embeds=16 * rows,
         )
         state = worker_state.worker_state(runner, metadata, "V1")
-        worker_state.apply_tier_moves(cache, state, list(demote), metadata)
+        worker_host_tier.apply_tier_moves(cache, state, list(demote), metadata)
 
     def encode(name: str) -> torch.Tensor:
         cache[name] = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)

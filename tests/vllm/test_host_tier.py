@@ -35,7 +35,7 @@ from tests.vllm.test_manager import (  # noqa: E402
 from vitbatch.adapters import vllm as adapter  # noqa: E402
 from vitbatch.adapters.vllm import (  # noqa: E402
     VitBatchStepMetadata,
-    scheduler,
+    scheduler_patch,
     surface,
     worker_state,
 )
@@ -187,7 +187,7 @@ def test_host_tier_steps_aside_for_an_ec_connector(monkeypatch, caplog, connecto
     on = fake_scheduler({"vitbatch": {"host_cache_embeds": 64}})
     on.vllm_config.ec_transfer_config = ec_config(connector)
     with caplog.at_level("INFO", logger="vllm.vitbatch"):
-        assert scheduler.enable_on(on)
+        assert scheduler_patch.enable_on(on)
     manager = on.encoder_cache_manager
     assert isinstance(manager, Manager) and manager.host.capacity == 0
     lines = [r.getMessage() for r in caplog.records if "steps aside" in r.getMessage()]
@@ -210,7 +210,7 @@ def test_without_ec_connector_the_host_tier_stays(monkeypatch, caplog) -> None:
     on = fake_scheduler({"vitbatch": {"host_cache_embeds": 64}})
     on.vllm_config.ec_transfer_config = None
     with caplog.at_level("INFO", logger="vllm.vitbatch"):
-        assert scheduler.enable_on(on)
+        assert scheduler_patch.enable_on(on)
     assert on.encoder_cache_manager.host.capacity == 64
     assert on.encoder_cache_manager.get_manager_metadata().host_capacity_embeds == 64
     assert "steps aside" not in caplog.text

@@ -28,7 +28,7 @@ from vitbatch.adapters import vllm as adapter
 from vitbatch.adapters.vllm import (
     VitBatchStepMetadata,
     VllmOptions,
-    scheduler,
+    scheduler_patch,
     surface,
     worker,
     worker_v1,
@@ -520,32 +520,35 @@ def fake_scheduler(additional_config=None) -> SimpleNamespace:
 def test_additional_config_switches_vitbatch_on(monkeypatch) -> None:
     monkeypatch.delenv(adapter.ENV_VAR, raising=False)
     off = fake_scheduler()
-    assert not scheduler.enable_on(off) and type(off.encoder_cache_manager) is EncoderCacheManager
+    assert (
+        not scheduler_patch.enable_on(off)
+        and type(off.encoder_cache_manager) is EncoderCacheManager
+    )
     on = fake_scheduler({"vitbatch": {"max_batch_patches": 2048, "host_cache_embeds": 9}})
-    assert scheduler.enable_on(on)
+    assert scheduler_patch.enable_on(on)
     manager = on.encoder_cache_manager
     assert isinstance(manager, Manager) and manager.cache_size == 32 and manager.host.capacity == 9
     assert manager.get_manager_metadata().max_batch_patches == 2048
-    assert scheduler.enable_on(on) and on.encoder_cache_manager is manager  # idempotent
-    assert not scheduler.enable_on(fake_scheduler({"vitbatch": False}))
+    assert scheduler_patch.enable_on(on) and on.encoder_cache_manager is manager  # idempotent
+    assert not scheduler_patch.enable_on(fake_scheduler({"vitbatch": False}))
 
 
 def test_environment_switch(monkeypatch) -> None:
     monkeypatch.setenv(adapter.ENV_VAR, '{"max_batch_items": 3}')
     on = fake_scheduler()
-    assert scheduler.enable_on(on)
+    assert scheduler_patch.enable_on(on)
     assert on.encoder_cache_manager.options.max_batch_items == 3
     monkeypatch.setenv(adapter.ENV_VAR, "1")
-    assert scheduler.enable_on(fake_scheduler())
+    assert scheduler_patch.enable_on(fake_scheduler())
     monkeypatch.setenv(adapter.ENV_VAR, "{oops")
     with pytest.raises(ValueError, match="VITBATCH_VLLM='{oops' is not JSON"):
-        scheduler.enable_on(fake_scheduler())
+        scheduler_patch.enable_on(fake_scheduler())
 
 
 def test_bad_option_stops_start_up_naming_the_option(monkeypatch) -> None:
     monkeypatch.delenv(adapter.ENV_VAR, raising=False)
     with pytest.raises(ValueError, match='max_batch_patches in --additional-config "vitbatch"'):
-        scheduler.enable_on(fake_scheduler({"vitbatch": {"max_batch_patches": -5}}))
+        scheduler_patch.enable_on(fake_scheduler({"vitbatch": {"max_batch_patches": -5}}))
 
 
 def test_missing_engine_surface_leaves_vllm_alone_with_one_line(monkeypatch, caplog) -> None:
@@ -556,7 +559,7 @@ def test_missing_engine_surface_leaves_vllm_alone_with_one_line(monkeypatch, cap
     monkeypatch.setattr(surface, "check", lambda: report)
     on = fake_scheduler({"vitbatch": {}})
     with caplog.at_level("WARNING", logger="vllm.vitbatch"):
-        assert not scheduler.enable_on(on)
+        assert not scheduler_patch.enable_on(on)
     assert type(on.encoder_cache_manager) is EncoderCacheManager
     lines = [r.getMessage() for r in caplog.records]
     assert lines == [

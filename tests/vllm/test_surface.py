@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from vitbatch.adapters.vllm import patching, probing, surface, worker, worker_v1, worker_v2
-from vitbatch.adapters.vllm.scheduler import _PATCHES as SCHEDULER_PATCHES
+from vitbatch.adapters.vllm.scheduler_patch import _PATCHES as SCHEDULER_PATCHES
 
 
 def _declared(part: str) -> set[str]:

@@ -7,11 +7,13 @@ supported vLLM, 0.26+), ``VITBATCH_VLLM=1`` in the engine's environment, or, on
 
 This package is the role-routed shell; the modules, top to bottom:
 
-* :mod:`.scheduler` - the manager subclass (host-tier index, per-step metadata)
-  and the ``Scheduler`` wrapper that installs it;
+* :mod:`.scheduler` - the manager subclass (vLLM's accounting, per-step
+  metadata), :mod:`.host_index` - its host-tier index and moves, and
+  :mod:`.scheduler_patch` - the ``Scheduler`` wrapper that installs it;
 * :mod:`.worker` - the worker side's installer, the only module that knows both
   model runners; :mod:`.worker_v1` and :mod:`.worker_v2` - their wrappers;
-* :mod:`.worker_state` - vitbatch's per-runner state, host-tier moves, items;
+* :mod:`.worker_state` - vitbatch's per-runner state; :mod:`.worker_host_tier` -
+  the host-tier moves applied to it; :mod:`.worker_items` - encoder inputs as items;
 * encoder prefetch: :mod:`.prefetch_plan` (scheduler side: what to encode ahead),
   :mod:`.prefetch_pool` (worker side: the pool and its side stream) and
   :mod:`.worker_prefetch` (both runners' prefetch steps);
@@ -114,7 +116,7 @@ def register() -> None:
     except Exception:  # noqa: BLE001 - the scheduler still checks the options
         logger.debug("vitbatch: could not hook vLLM's config building", exc_info=True)
     try:
-        from vitbatch.adapters.vllm.scheduler import install_scheduler_patch
+        from vitbatch.adapters.vllm.scheduler_patch import install_scheduler_patch
 
         installed = install_scheduler_patch()
     except Exception:  # noqa: BLE001 - a plugin must never stop vLLM

@@ -29,7 +29,7 @@ from typing import Any
 from vitbatch.adapters.vllm import surface
 from vitbatch.adapters.vllm.metadata import PrefetchOrder
 from vitbatch.adapters.vllm.options import VllmOptions
-from vitbatch.adapters.vllm.worker_state import item_cost
+from vitbatch.adapters.vllm.worker_items import item_cost
 from vitbatch.core import ItemKey
 from vitbatch.core.prefetch import Candidate, PrefetchLedger, PrefetchLimits, select_prefetch
 

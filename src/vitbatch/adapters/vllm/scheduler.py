@@ -1,4 +1,4 @@
-"""Scheduler side: vLLM's encoder cache manager plus vitbatch's host tier, and the switch.
+"""Scheduler side: vLLM's encoder cache manager with vitbatch's host tier and prefetch.
 
 :class:`VitBatchEncoderCacheManager` subclasses vLLM's ``EncoderCacheManager``.
 vLLM's own accounting stays in charge of the device cache. On top of it the
@@ -18,13 +18,13 @@ With vLLM's own EC connector configured (``--ec-transfer-config``, e.g.
 already keeps evicted encoder outputs, and two host tiers for one encoder cache
 would hold the same rows twice and evict each other's. Batching stays on.
 
-How the manager gets in: :func:`install_scheduler_patch` (run by the entry
-point in every vLLM process) wraps ``Scheduler.__init__``; when the scheduler's
-config switches vitbatch on (:func:`~.options.configured_options`) and the
-engine surface is complete, the wrapper swaps vLLM's manager for this one. It
-wraps ``Scheduler.schedule`` to attach the step's metadata where vLLM does not
-ask for it itself (0.26). On vLLM 0.27+ ``--ec-manager-config`` naming this
-class builds it directly through :meth:`create_manager`.
+Where the jobs live: the host-tier index and the moves it ships are
+:class:`~.host_index.HostTierIndex` (a mixin of the manager); the switch that
+puts the manager into vLLM's ``Scheduler`` is :mod:`.scheduler_patch`. This
+module keeps vLLM's accounting (eviction noted for the host tier, restores
+given device-cache room) and the prefetch hand-off. On vLLM 0.27+
+``--ec-manager-config`` naming this class builds it directly through
+:meth:`VitBatchEncoderCacheManager.create_manager`.
 """
 
 from __future__ import annotations
@@ -33,14 +33,13 @@ import logging
 import sys
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from vitbatch.adapters.vllm import surface
-from vitbatch.adapters.vllm.metadata import VitBatchStepMetadata, attach
+from vitbatch.adapters.vllm.host_index import HostTierIndex, SchedulerStats
+from vitbatch.adapters.vllm.metadata import VitBatchStepMetadata
 from vitbatch.adapters.vllm.options import VllmOptions, configured_options
 from vitbatch.adapters.vllm.prefetch_plan import PrefetchPlanner, planner_for
-from vitbatch.core.host_tier import LruTier, SeenTwice
 
 EncoderCacheManager = surface.manager_base()
 logger = logging.getLogger("vllm.vitbatch")
@@ -48,29 +47,7 @@ logger = logging.getLogger("vllm.vitbatch")
 managers: weakref.WeakSet[VitBatchEncoderCacheManager] = weakref.WeakSet()
 
 
-@dataclass
-class SchedulerStats:
-    """Cumulative counters of the scheduler-side manager."""
-
-    cache_hits: int = 0
-    """check_and_update_cache answered True from vLLM's device cache (an embedding
-    another request, or an earlier chunk, already computed)."""
-    host_restores: int = 0
-    """host-tier entries counted as cached and scheduled for a host-to-device copy."""
-    revived: int = 0
-    """entries evicted earlier in the same scheduling pass and taken back (no copy at all)."""
-    demotions: int = 0
-    host_drops: int = 0
-    restores_refused: int = 0
-    """host-tier hits that could not get device-cache room (encoded instead)."""
-    prefetch_hits: int = 0
-    """inputs counted as cached because a prefetch holds them (no encoder budget)."""
-    not_admitted: int = 0
-    """evicted entries left out of the host tier by ``host_admission="repeated"``
-    (asked for by one request only)."""
-
-
-class VitBatchEncoderCacheManager(EncoderCacheManager):
+class VitBatchEncoderCacheManager(HostTierIndex, EncoderCacheManager):
     """vLLM's ``EncoderCacheManager`` plus vitbatch's host tier and per-step worker metadata."""
 
     @classmethod
@@ -128,35 +105,22 @@ class VitBatchEncoderCacheManager(EncoderCacheManager):
     ) -> None:
         super().__init__(cache_size=cache_size)
         self.options = options or VllmOptions()
-        # What the workers' host tiers hold: mm hash -> embedding rows, LRU, bounded in rows.
-        self.host: LruTier[str, int] = LruTier(host_capacity_embeds, int)
+        self._init_host_index(host_capacity_embeds, self.options.host_admission)
         self.stats = SchedulerStats()
         self._evicted_sizes: dict[str, int] = {}  # evicted this pass -> rows
         self._freed_seen = 0
         self._promised: tuple[str, int] | None = None  # (request id, rows can_allocate promised)
-        self._restore: list[str] = []
-        self._demote: list[str] = []
-        self._drop: list[str] = []
-        self._reset = False
         self.prefetch = prefetch
-        # host_admission="repeated": which images more than one request asked for.
-        self._seen: SeenTwice[str] | None = (
-            SeenTwice() if self.options.host_admission == "repeated" else None
-        )
         managers.add(self)
 
     def reset(self) -> None:
         super().reset()
-        self.host.clear()
+        self._clear_host_index()
         if self.prefetch is not None:
             self.prefetch.reset()
         self._evicted_sizes.clear()
         self._freed_seen = 0
         self._promised = None
-        self._restore, self._demote, self._drop = [], [], []
-        self._reset = True
-        if self._seen is not None:
-            self._seen.clear()
 
     def _evicting(self, wanted: int, evict: Callable[[], bool]) -> bool:
         """Run vLLM's eviction (``evict``: its ``can_allocate``), noting the rows it evicts.
@@ -207,17 +171,8 @@ class VitBatchEncoderCacheManager(EncoderCacheManager):
         if self.prefetch is not None and self.prefetch.holds(mm_hash, num_embeds):
             return self._take_prefetched(request, input_id, mm_hash, num_embeds)
         revive = self._evicted_sizes.get(mm_hash) == num_embeds
-        if not revive:
-            host_rows = self.host.peek(mm_hash)
-            if host_rows is None:
-                return False
-            if host_rows != num_embeds:
-                # Same identifier, other row count (a reused client UUID): the
-                # host copy is stale; forget it so it is never restored.
-                self.host.pop(mm_hash)
-                self._drop.append(mm_hash)
-                self.stats.host_drops += 1
-                return False
+        if not revive and not self._host_holds(mm_hash, num_embeds):
+            return False
         if not self._make_room(request, input_id, num_embeds):
             self.stats.restores_refused += 1
             return False
@@ -230,9 +185,7 @@ class VitBatchEncoderCacheManager(EncoderCacheManager):
             del self._evicted_sizes[mm_hash]
             self.stats.revived += 1
         else:
-            self.host.pop(mm_hash)
-            self._restore.append(mm_hash)
-            self.stats.host_restores += 1
+            self._restoring(mm_hash)
         return True
 
     def _take_prefetched(self, request: Any, input_id: int, mm_hash: str, num_embeds: int) -> bool:
@@ -278,25 +231,7 @@ class VitBatchEncoderCacheManager(EncoderCacheManager):
         # vLLM 0.27+ already leaves out hashes cached again in this pass; 0.26
         # does not, and freeing a revived entry would lose what the step needs.
         freed = [h for h in super().get_freed_mm_hashes() if not surface.is_cached(self, h)]
-        demoted: list[str] = []
-        for mm_hash in freed:
-            rows = self._evicted_sizes.get(mm_hash)
-            if rows is None:
-                continue
-            if self._seen is not None and not self._seen.repeated(mm_hash):
-                self.stats.not_admitted += 1  # vLLM's workers drop it, as without vitbatch
-                continue
-            evicted = self.host.put(mm_hash, rows)
-            for victim, _ in evicted or ():
-                if victim in demoted:
-                    demoted.remove(victim)
-                else:
-                    self._drop.append(victim)
-                self.stats.host_drops += 1
-            if evicted is not None:
-                demoted.append(mm_hash)
-        self._demote.extend(demoted)
-        self.stats.demotions += len(demoted)
+        self._demote_freed(freed, self._evicted_sizes)
         self._evicted_sizes.clear()
         self._freed_seen = 0
         self._promised = None
@@ -314,103 +249,10 @@ class VitBatchEncoderCacheManager(EncoderCacheManager):
                 "prefetch_release": release,
                 "prefetch_pool_bytes": self.prefetch.limits.max_pool_bytes,
             }
-        metadata = VitBatchStepMetadata(
-            restore=tuple(self._restore),
-            demote=tuple(self._demote),
-            drop=tuple(self._drop),
-            reset=self._reset,
+        return VitBatchStepMetadata(
             max_batch_patches=self.options.max_batch_patches,
             max_batch_items=self.options.max_batch_items,
             check_finite=self.options.check_finite,
-            host_capacity_embeds=self.host.capacity,
+            **self._take_tier_moves(),
             **prefetch,
         )
-        self._restore, self._demote, self._drop = [], [], []
-        self._reset = False
-        return metadata
-
-
-# ---------------------------------------------------------------------------
-# The switch: vLLM's Scheduler takes this manager when its config says so
-# ---------------------------------------------------------------------------
-
-
-def enable_on(scheduler: Any) -> bool:
-    """Swap ``scheduler``'s encoder cache manager for vitbatch's if its config asks for it.
-
-    :raises ValueError: vitbatch's options are set to something invalid (vLLM
-        then fails to start, with a message naming the option).
-    :returns: whether vitbatch's manager is in charge now.
-    """
-    vllm_config = surface.scheduler_config(scheduler)
-    options = configured_options(vllm_config)
-    current = surface.scheduler_manager(scheduler)
-    if options is None or isinstance(current, VitBatchEncoderCacheManager):
-        if isinstance(current, VitBatchEncoderCacheManager):
-            current.bind(scheduler)  # built by vLLM from --ec-manager-config
-        return isinstance(current, VitBatchEncoderCacheManager)
-    report = surface.check()
-    if not report.ok("scheduler"):
-        logger.warning("vitbatch: off, vLLM runs unchanged: %s", report.describe("scheduler"))
-        return False
-    if not (report.ok("runner_v1") or report.ok("runner_v2")):
-        logger.warning(
-            "vitbatch: off, vLLM runs unchanged: %s; %s",
-            report.describe("runner_v1"),
-            report.describe("runner_v2"),
-        )
-        return False
-    if type(current) is not EncoderCacheManager:
-        logger.warning(
-            "vitbatch: off: vLLM's scheduler uses %s, not its EncoderCacheManager "
-            "(encoder-decoder model, or another plugin's manager)",
-            type(current).__name__,
-        )
-        return False
-    manager = VitBatchEncoderCacheManager.create_manager(
-        cache_size=surface.cache_size(current), vllm_config=vllm_config, options=options
-    )
-    surface.set_scheduler_manager(scheduler, manager)
-    if isinstance(manager, VitBatchEncoderCacheManager):
-        manager.bind(scheduler)
-    return isinstance(manager, VitBatchEncoderCacheManager)
-
-
-def _wrapped_init(original: Callable[..., Any]) -> Callable[..., Any]:
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        original(self, *args, **kwargs)
-        enable_on(self)
-
-    return __init__
-
-
-def _wrapped_schedule(original: Callable[..., Any]) -> Callable[..., Any]:
-    def schedule(self: Any, *args: Any, **kwargs: Any) -> Any:
-        output = original(self, *args, **kwargs)
-        manager = surface.scheduler_manager(self)
-        if isinstance(manager, VitBatchEncoderCacheManager) and not isinstance(
-            surface.carried_metadata(output), VitBatchStepMetadata
-        ):
-            attach(output, manager.get_manager_metadata())  # vLLM 0.26: no field for it
-        return output
-
-    return schedule
-
-
-_PATCHES = (
-    (surface.SCHEDULER_INIT, _wrapped_init),
-    (surface.SCHEDULER_SCHEDULE, _wrapped_schedule),
-)
-
-
-def install_scheduler_patch() -> bool:
-    """Wrap ``Scheduler`` so that its config can switch vitbatch on. Idempotent.
-
-    Without vitbatch in the config the wrappers only call vLLM's methods
-    (``schedule`` adds one isinstance check per step).
-    """
-    if not surface.check().ok("scheduler"):
-        return False
-    for point, factory in _PATCHES:
-        surface.wrap(point, factory)
-    return True

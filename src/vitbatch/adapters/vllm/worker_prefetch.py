@@ -26,7 +26,8 @@ import torch
 from vitbatch import metrics
 from vitbatch.adapters.vllm import surface
 from vitbatch.adapters.vllm.metadata import PrefetchOrder, VitBatchStepMetadata
-from vitbatch.adapters.vllm.worker_state import WorkerState, order_item
+from vitbatch.adapters.vllm.worker_items import order_item
+from vitbatch.adapters.vllm.worker_state import WorkerState
 from vitbatch.core import Item
 
 #: ``[(modality, kwargs item)] -> outputs``: the model's encoder, eagerly.

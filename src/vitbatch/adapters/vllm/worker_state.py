@@ -1,31 +1,29 @@
-"""Worker side, shared by both model runners: vitbatch's per-runner state and what it does.
+"""Worker side, shared by both model runners: vitbatch's per-runner state.
 
 Both of vLLM's model runners keep encoder outputs in a dict keyed by mm hash
-and free entries the scheduler lists in ``free_encoder_mm_hashes``; both find
-a request's multimodal features in a mapping request id -> features. Everything
-here works on those shapes, so :mod:`.worker_v1` and :mod:`.worker_v2` (the
-wrappers, one leaf module per runner) share it:
+and free entries the scheduler lists in ``free_encoder_mm_hashes``; so one
+state serves both, and :mod:`.worker_v1` and :mod:`.worker_v2` (the wrappers,
+one leaf module per runner) share it:
 
 * :class:`WorkerState`, vitbatch's object for one runner (the batcher, the host
   tier, counters, what one wrapper leaves for the next), held in one attribute
   of the runner (see :func:`worker_state`); its host tier is a
   :class:`~vitbatch.core.host_arena.HostArena` (pinned blocks, filled on a side
-  stream) keyed by mm hash and sized from the scheduler's bound;
-* :func:`apply_tier_moves`: restores, demotes and drops as the step's
-  :class:`~.metadata.VitBatchStepMetadata` says, before vLLM frees;
-* the core items of vLLM encoder inputs, and the restores whose host copy was
-  missing (:func:`missing_restores`), which are encoded instead.
+  stream) keyed by mm hash and sized from the scheduler's bound
+  (:func:`arena_bytes`);
+* :func:`merged_stats`, the counters of all runners of a process.
 
-vLLM's objects are read through :mod:`.surface` only.
+The moves applied to the host tier each step are :mod:`.worker_host_tier`;
+vLLM's encoder inputs as core items are :mod:`.worker_items`. vLLM's objects
+are read through :mod:`.surface` only.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import weakref
-from collections.abc import Container, Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,9 +31,10 @@ import torch
 
 from vitbatch import metrics
 from vitbatch.adapters.vllm import surface
-from vitbatch.adapters.vllm.metadata import PrefetchOrder, VitBatchStepMetadata
+from vitbatch.adapters.vllm.metadata import VitBatchStepMetadata
 from vitbatch.adapters.vllm.prefetch_pool import PrefetchPool
-from vitbatch.core import Budget, EmbeddingCache, Item, Span, VitBatcher
+from vitbatch.adapters.vllm.worker_items import Entry
+from vitbatch.core import Budget, EmbeddingCache, Item, VitBatcher
 from vitbatch.core.agreement import group_agree
 from vitbatch.core.host_arena import HostArena
 from vitbatch.core.prefetch import PrefetchStats
@@ -68,19 +67,6 @@ class WorkerStats:
     enqueued); the scheduler still lists them, so their restores miss and are encoded again."""
     host_drops: int = 0
     native_reasons: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Payload:
-    """What the engine encoder needs back from a core item."""
-
-    request_id: str
-    modality: str
-    kwargs: Any  # vLLM's MultiModalKwargsItem
-
-
-#: One encoder input found in a runner: ``(mm hash, request id, vLLM feature)``.
-Entry = tuple[str, str, Any]
 
 
 #: Room in the host arena beyond the scheduler's bound, for block rounding: an entry
@@ -237,155 +223,6 @@ def tensor_row_bytes(tensor: torch.Tensor) -> int:
     """Bytes of one embedding row of ``tensor`` (when the model config did not say)."""
     rows = tensor.shape[0] if tensor.dim() else 1
     return max(1, tensor.numel() * tensor.element_size() // max(1, rows))
-
-
-def apply_tier_moves(
-    cache: MutableMapping[str, torch.Tensor],
-    state: WorkerState,
-    freed: Iterable[str],
-    metadata: VitBatchStepMetadata,
-) -> None:
-    """Mirror the scheduler's decisions on the runner's encoder-output dict ``cache``.
-
-    Runs before vLLM frees this step's ``freed`` hashes: restores first (each a
-    host-to-device copy ordered after its demotion's copy on the device, the host
-    waits for neither), then drops (their blocks are free again), then the
-    demoted entries leave ``cache`` for the host tier (a device-to-host copy
-    enqueued on the arena's side stream; vLLM's free then finds nothing to pop).
-    Nothing here waits for the device.
-    """
-    if metadata.reset:
-        state.host.clear()
-    for mm_hash in metadata.restore:
-        restored = state.host.take(mm_hash)
-        if restored is None:
-            state.missing.add(mm_hash)  # encoded in this step's encoder call
-            state.stats.restore_misses += 1
-            continue
-        cache[mm_hash] = restored
-        state.stats.host_restores += 1
-    for mm_hash in metadata.drop:
-        if state.host.discard(mm_hash):
-            state.stats.host_drops += 1
-    demote = set(metadata.demote)
-    for mm_hash in freed:
-        if mm_hash in demote:
-            tensor = cache.pop(mm_hash, None)
-            if tensor is None:
-                continue
-            if state.demote(mm_hash, tensor):
-                state.stats.demotions += 1
-            else:
-                state.stats.demotions_not_kept += 1
-
-
-def move_tiers(
-    cache: MutableMapping[str, torch.Tensor],
-    state: WorkerState,
-    scheduler_output: Any,
-    metadata: VitBatchStepMetadata,
-) -> None:
-    """:func:`apply_tier_moves` for one step; if it fails, vLLM frees as usual and
-    whatever was not restored is encoded in this step's encoder call instead."""
-    try:
-        apply_tier_moves(cache, state, surface.freed_hashes(scheduler_output), metadata)
-    except Exception:  # noqa: BLE001 - any failure: keep serving
-        state.note_error("host-tier update")
-        state.missing.update(h for h in metadata.restore if h not in cache)
-    if metadata.restore or metadata.demote or metadata.drop or metadata.reset:
-        try:
-            metrics.sync(state.batcher)  # the tier moved: its counters now, not at the next call
-        except Exception:  # noqa: BLE001 - metrics never stop a step
-            state.log_once("metrics", "vitbatch: metrics update failed", exc_info=True)
-
-
-def modality_reason(modalities: Iterable[str]) -> str | None:
-    """Inputs whose vLLM branch vitbatch does not reproduce."""
-    return "prompt_embeds inputs" if "prompt_embeds" in modalities else None
-
-
-def native_only_reason(runner: Any, modalities: Sequence[str]) -> str | None:
-    """Cases whose vLLM branches vitbatch does not reproduce: leave the step to vLLM."""
-    if surface.is_encoder_decoder(runner):
-        return "encoder-decoder model"
-    return modality_reason(modalities) or surface.unreproduced_branch(runner, modalities)
-
-
-def item_cost(kwargs: Any, num_embeds: int) -> int:
-    """Encoder work of one item: patches before merging when the item has a ``*_grid_thw``."""
-    for name in ("image_grid_thw", "video_grid_thw"):
-        if name in kwargs:
-            grid = kwargs[name].data
-            if isinstance(grid, torch.Tensor) and grid.numel() == 3:
-                return max(1, math.prod(int(v) for v in grid.tolist()))
-    return num_embeds
-
-
-def make_item(mm_hash: str, request_id: str, modality: str, kwargs: Any, position: Any) -> Item:
-    """A core item for one vLLM encoder input (its ``mm_position`` gives rows and offset)."""
-    return _item(mm_hash, request_id, modality, kwargs, position.get_num_embeds(), position.offset)
-
-
-#: The request id of prefetched items (their request is not the worker's yet).
-PREFETCH_REQUEST = "<prefetch>"
-
-
-def order_item(order: PrefetchOrder) -> Item:
-    """A core item for one prefetch order (its placeholder offset does not matter)."""
-    return _item(order.mm_hash, PREFETCH_REQUEST, order.modality, order.data, order.num_embeds, 0)
-
-
-def _item(
-    mm_hash: str, request_id: str, modality: str, kwargs: Any, num_embeds: int, offset: int
-) -> Item:
-    return Item(
-        hash=mm_hash,
-        modality=modality,
-        num_tokens=num_embeds,
-        spans=(Span(offset, num_embeds),),
-        # The item's tensors by field name, for third-party encoder plugins (no copy).
-        features={n: e.data for n, e in kwargs.items() if isinstance(e.data, torch.Tensor)},
-        cost=item_cost(kwargs, num_embeds),
-        group=tuple(sorted(kwargs.keys())),
-        cacheable=False,  # vLLM's encoder cache is the cache; don't keep a second copy
-        payload=Payload(request_id, modality, kwargs),
-    )
-
-
-def entry_item(entry: Entry) -> Item:
-    """:func:`make_item` of a found feature."""
-    mm_hash, request_id, feature = entry
-    return make_item(mm_hash, request_id, feature.modality, feature.data, feature.mm_position)
-
-
-def find_feature(
-    features_by_request: Iterable[tuple[str, Iterable[Any]]], mm_hash: str
-) -> tuple[str, Any] | None:
-    """A (request id, feature) of a live request carrying ``mm_hash`` with its data."""
-    for request_id, features in features_by_request:
-        for feature in features:
-            if feature.identifier == mm_hash and feature.data is not None:
-                return request_id, feature
-    return None
-
-
-def missing_restores(
-    state: WorkerState,
-    features_by_request: Iterable[tuple[str, Iterable[Any]]],
-    skip: Container[str],
-) -> list[Entry]:
-    """Restores whose host copy was missing, with a live feature to encode them from.
-
-    Hash order; those in ``skip`` (cached, or already in the step) and those no
-    live request carries are left out. ``state.missing`` is the caller's to clear.
-    """
-    pairs = list(features_by_request)
-    found: list[Entry] = []
-    for mm_hash in sorted(state.missing):
-        hit = find_feature(pairs, mm_hash)
-        if hit is not None and mm_hash not in skip:
-            found.append((mm_hash, *hit))
-    return found
 
 
 def merged_stats(

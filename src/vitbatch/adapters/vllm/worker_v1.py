@@ -3,7 +3,7 @@
 Three wrappers, installed by :mod:`.worker`:
 
 * ``_update_states``: the step's host-tier and prefetch moves on
-  ``runner.encoder_cache`` (:func:`~.worker_state.move_tiers`,
+  ``runner.encoder_cache`` (:func:`~.worker_host_tier.move_tiers`,
   :func:`~.worker_prefetch.prefetch_moves`), before vLLM frees;
 * ``_execute_mm_encoder``: the step's scheduled inputs (and restores whose host
   copy was missing) go to :class:`~vitbatch.core.VitBatcher`, which calls
@@ -24,17 +24,10 @@ import torch
 
 from vitbatch.adapters.vllm import surface
 from vitbatch.adapters.vllm.metadata import read
+from vitbatch.adapters.vllm.worker_host_tier import missing_restores, move_tiers
+from vitbatch.adapters.vllm.worker_items import entry_item, make_item, native_only_reason
 from vitbatch.adapters.vllm.worker_prefetch import launch_prefetch, prefetch_moves
-from vitbatch.adapters.vllm.worker_state import (
-    WorkerState,
-    entry_item,
-    make_item,
-    missing_restores,
-    move_tiers,
-    native_only_reason,
-    state_of,
-    worker_state,
-)
+from vitbatch.adapters.vllm.worker_state import WorkerState, state_of, worker_state
 from vitbatch.core import Item
 
 

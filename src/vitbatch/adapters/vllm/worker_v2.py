@@ -6,7 +6,7 @@ step, calls ``free_states`` (frees what the scheduler lists), then
 ``EncoderRunner.execute_mm_encoder(mm_kwargs)`` (one call per modality group).
 vitbatch wraps all three (installed by :mod:`.worker`):
 
-* ``free_states``: the host-tier moves of :func:`~.worker_state.apply_tier_moves`,
+* ``free_states``: the host-tier moves of :func:`~.worker_host_tier.apply_tier_moves`,
   then shares the runner's :class:`~.worker_state.WorkerState` with its
   encoder runner;
 * ``prepare_mm_inputs``: records hash, request and feature of each item
@@ -38,19 +38,15 @@ import torch
 
 from vitbatch.adapters.vllm import surface
 from vitbatch.adapters.vllm.metadata import read
-from vitbatch.adapters.vllm.worker_prefetch import launch_prefetch, prefetch_moves
-from vitbatch.adapters.vllm.worker_state import (
+from vitbatch.adapters.vllm.worker_host_tier import missing_restores, move_tiers
+from vitbatch.adapters.vllm.worker_items import (
     Entry,
-    WorkerState,
     entry_item,
-    missing_restores,
     modality_reason,
-    move_tiers,
     native_only_reason,
-    share_state,
-    state_of,
-    worker_state,
 )
+from vitbatch.adapters.vllm.worker_prefetch import launch_prefetch, prefetch_moves
+from vitbatch.adapters.vllm.worker_state import WorkerState, share_state, state_of, worker_state
 from vitbatch.core import Item
 
 
