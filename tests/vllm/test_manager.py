@@ -9,7 +9,9 @@ get_manager_metadata once per step); the end-to-end test runs the real scheduler
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -50,13 +52,18 @@ needs_ec_manager_config = pytest.mark.skipif(
 )
 
 
-def make_request(request_id: str, items: list[tuple[str, int]]) -> Request:
-    """A vLLM Request whose images are ``(mm_hash, rows)``, laid out one after another."""
+def make_request(
+    request_id: str,
+    items: list[tuple[str, int]],
+    data: Callable[[str, int], Any] | None = None,
+) -> Request:
+    """A vLLM Request whose images are ``(mm_hash, rows)``, laid out one after another;
+    ``data(mm_hash, rows)`` gives each image's inputs (none by default)."""
     features, offset = [], 5
     for mm_hash, rows in items:
         features.append(
             MultiModalFeatureSpec(
-                data=None,
+                data=data(mm_hash, rows) if data is not None else None,
                 modality="image",
                 identifier=mm_hash,
                 mm_position=PlaceholderRange(offset=offset, length=rows),

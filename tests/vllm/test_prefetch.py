@@ -20,16 +20,14 @@ from hypothesis import strategies as st
 
 pytest.importorskip("vllm")
 
-from vllm import SamplingParams  # noqa: E402
 from vllm.multimodal.inputs import (  # noqa: E402
-    MultiModalFeatureSpec,
     MultiModalFieldElem,
     MultiModalKwargsItem,
-    PlaceholderRange,
 )
 from vllm.v1.request import Request, RequestStatus  # noqa: E402
 
 from tests.vllm.test_manager import end_step, schedule  # noqa: E402
+from tests.vllm.test_manager import make_request as manager_request  # noqa: E402
 from vitbatch.adapters.vllm import (  # noqa: E402
     VllmOptions,
     surface,
@@ -60,24 +58,7 @@ def kwargs_item(mm_hash: str, rows: int) -> MultiModalKwargsItem:
 
 def make_request(request_id: str, items: list[tuple[str, int]], with_data: bool = True) -> Request:
     """A vLLM Request whose images (``(mm_hash, rows)``) carry their inputs."""
-    features, offset = [], 5
-    for mm_hash, rows in items:
-        features.append(
-            MultiModalFeatureSpec(
-                data=kwargs_item(mm_hash, rows) if with_data else None,
-                modality="image",
-                identifier=mm_hash,
-                mm_position=PlaceholderRange(offset=offset, length=rows),
-            )
-        )
-        offset += rows + 3
-    return Request(
-        request_id=request_id,
-        prompt_token_ids=[0] * (offset + 2),
-        sampling_params=SamplingParams(max_tokens=1),
-        pooling_params=None,
-        mm_features=features,
-    )
+    return manager_request(request_id, items, kwargs_item if with_data else None)
 
 
 def prefetching_manager(cache_size: int = 64, host: int = 0, **limits) -> tuple[Manager, Any]:
