@@ -24,6 +24,7 @@ from tests.vllm.test_manager import (  # noqa: E402
     SCHEDULER_RUNS,
     SIZES,
     assert_accounting,
+    drive_steps,
     end_step,
     fake_runner,
     fake_scheduler,
@@ -70,22 +71,8 @@ def test_block_arena_restores_equal_rows(steps, cache_size, host_capacity) -> No
         manager = Manager(cache_size=cache_size, host_capacity_embeds=host_capacity)
         runner = fake_runner()
         content = {h: torch.full((n, 2), float(i) + 0.5) for i, (h, n) in enumerate(SIZES.items())}
-        live = []
-        counter = 0
-        for new, finish in steps:
-            scheduled = []
-            for hashes in new:
-                counter += 1
-                request = make_request(f"r{counter}", [(h, SIZES[h]) for h in hashes])
-                scheduled.append((request, schedule(manager, request)))
-                live.append(request)
-            freed, metadata = end_step(manager)
+        for metadata in drive_steps(manager, runner, steps, content):
             assert metadata.host_capacity_embeds == host_capacity
-            process(runner, freed, metadata)
-            for request, input_ids in scheduled:
-                for i in input_ids:
-                    mm_hash = request.mm_features[i].identifier
-                    runner.encoder_cache[mm_hash] = content[mm_hash].clone()
             assert_accounting(manager)
             state = runner._vitbatch_state
             assert state.missing == set() and state.stats.demotions_not_kept == 0
@@ -95,9 +82,6 @@ def test_block_arena_restores_equal_rows(steps, cache_size, host_capacity) -> No
             for mm_hash in state.host.keys():  # copied into blocks, not kept as is
                 assert state.host.entry(mm_hash).tensor is None
                 assert torch.equal(state.host.peek(mm_hash), content[mm_hash])
-            for index in sorted(set(finish), reverse=True):
-                if index < len(live):
-                    manager.free(live.pop(index))
 
 
 def test_restored_entry_demoted_again_is_copied_again(block_arena) -> None:

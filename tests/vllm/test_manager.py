@@ -9,7 +9,7 @@ get_manager_metadata once per step); the end-to-end test runs the real scheduler
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -446,6 +446,23 @@ def test_worker_always_holds_what_the_scheduler_counts_as_cached(
     manager = Manager(cache_size=cache_size, host_capacity_embeds=host_capacity)
     runner = fake_runner()
     content = {h: torch.full((n, 2), float(i)) for i, (h, n) in enumerate(SIZES.items())}
+    for _metadata in drive_steps(manager, runner, steps, content):
+        assert_accounting(manager)
+        assert runner._vitbatch_state.missing == set()
+        for mm_hash in manager.cached:
+            assert torch.equal(runner.encoder_cache[mm_hash], content[mm_hash])
+        assert set(runner._vitbatch_state.host.keys()) == set(manager.host.entries)
+
+
+def drive_steps(
+    manager: Manager,
+    runner: Any,
+    steps: list[tuple[list[list[str]], list[int]]],
+    content: dict[str, torch.Tensor],
+) -> Iterator[Any]:
+    """Run SCHEDULER_RUNS ``steps`` through the scheduler manager and the worker's moves,
+    yielding each step's metadata once the encoder ran (after the frees, as in vLLM);
+    requests finish after the caller's checks of that step."""
     live: list[Request] = []
     counter = 0
     for new, finish in steps:
@@ -461,11 +478,7 @@ def test_worker_always_holds_what_the_scheduler_counts_as_cached(
             for i in input_ids:
                 mm_hash = request.mm_features[i].identifier
                 runner.encoder_cache[mm_hash] = content[mm_hash].clone()
-        assert_accounting(manager)
-        assert runner._vitbatch_state.missing == set()
-        for mm_hash in manager.cached:
-            assert torch.equal(runner.encoder_cache[mm_hash], content[mm_hash])
-        assert set(runner._vitbatch_state.host.keys()) == set(manager.host.entries)
+        yield metadata
         for index in sorted(set(finish), reverse=True):
             if index < len(live):
                 manager.free(live.pop(index))
