@@ -104,6 +104,30 @@ def test_snapshots_are_written_at_most_every_interval_and_the_last_values_follow
     assert len(writes) == 3
 
 
+def test_a_process_that_exits_within_the_interval_leaves_its_last_values(tmp_path) -> None:
+    """A vLLM worker stops right after its last step: its snapshot must hold that step's
+    values, not the burst's first (the pending write may not die with the process)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = f"""
+import sys
+sys.path[:0] = {[str(Path(__file__).parents[2]), str(Path(metrics.__file__).parents[2])]!r}
+from tests.core.test_metrics import batcher, step
+from vitbatch import metrics
+writer = metrics.SnapshotWriter({str(tmp_path)!r}, {{"model_name": "m"}}, None)
+b = batcher()
+b.observers.append(writer)
+for _ in range(50):
+    step(b, calls=1)
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    (path,) = tmp_path.glob("vitbatch-*.json")
+    assert json.loads(path.read_text())["counters"]["vitbatch_encoder_calls"] == 50
+
+
 def test_serve_engine_metrics_makes_a_private_directory(monkeypatch) -> None:
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     monkeypatch.delenv(metrics.DIR_ENV, raising=False)

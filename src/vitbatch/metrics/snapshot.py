@@ -97,7 +97,10 @@ class SnapshotWriter:
                 self._pending = data
                 if self._timer is None:
                     self._timer = threading.Timer(wait, self._flush)
-                    self._timer.daemon = True
+                    # Not a daemon: a process that exits within the interval (a vLLM
+                    # worker at shutdown) still writes its last values, at most
+                    # SNAPSHOT_INTERVAL_S later, instead of leaving an older file.
+                    self._timer.daemon = False
                     self._timer.start()
                 return
             self._pending = None
